@@ -1,0 +1,124 @@
+"""The model zoo: one explicit table from names to (class, constructor arguments, metadata).
+
+    from flax import nnx
+    from nfjax.models import create_model, list_models
+    model = create_model("nfnet_f0", num_classes=1000, rngs=nnx.Rngs(0))
+    logits = model(images)                       # images: [N, H, W, 3] float, normalized
+    logits = model(images, train=True, key=key)  # stochastic depth / dropout / BN batch statistics
+
+The table is data: adding a variant is adding a row. Importing this package never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flax import nnx
+
+from nfjax.models.nf_resnet import NF_RESNET_DEPTHS, NFResNet
+from nfjax.models.nfnet import NFNET_PLUS_WIDTHS, NFNET_VARIANTS, NFNET_WIDTHS, NFNet
+from nfjax.models.resnet import BASIC_WIDTHS, BOTTLENECK_WIDTHS, RESNET_LAYOUTS, ResNet
+
+# Small-image twins (28-32 px): identical topology, one NF, one BN. 3x3 stride-1 stem, no max-pool,
+# three stages of basic blocks.
+SMALL_TWIN = dict(
+    widths=(64, 128, 256), depths=(1, 1, 1), strides=(1, 2, 2), block="basic", stem="small", stem_width=32
+)
+
+
+def _nfnet_rows() -> dict[str, tuple[type, dict, dict]]:
+    rows = {}
+    for variant, v in NFNET_VARIANTS.items():
+        meta = {k: v[k] for k in ("train_size", "test_size", "ra_magnitude")} | {"family": "nfnet"}
+        base = dict(depths=v["depths"], drop_rate=v["drop_rate"])
+        rows[f"nfnet_{variant.lower()}"] = (NFNet, base | dict(widths=NFNET_WIDTHS), meta)
+        rows[f"nfnet_{variant.lower()}plus"] = (NFNet, base | dict(widths=NFNET_PLUS_WIDTHS), meta)
+    return rows
+
+
+def _resnet_rows() -> dict[str, tuple[type, dict, dict]]:
+    rows = {}
+    meta = {"train_size": 224, "test_size": 224}
+    for depth, blocks in NF_RESNET_DEPTHS.items():
+        rows[f"nf_resnet{depth}"] = (NFResNet, dict(depths=blocks), meta | {"family": "nf_resnet"})
+    rows["nf_seresnet50"] = (
+        NFResNet,
+        dict(depths=NF_RESNET_DEPTHS[50], se_ratio=0.25),
+        meta | {"family": "nf_resnet"},
+    )
+    for depth, (block, blocks) in RESNET_LAYOUTS.items():
+        widths = BASIC_WIDTHS if block == "basic" else BOTTLENECK_WIDTHS
+        rows[f"resnet{depth}"] = (
+            ResNet,
+            dict(depths=blocks, widths=widths, block=block),
+            meta | {"family": "resnet"},
+        )
+    small = {"train_size": 28, "test_size": 28}
+    rows["nf_resnet_small"] = (NFResNet, dict(SMALL_TWIN), small | {"family": "nf_resnet"})
+    rows["resnet_small"] = (ResNet, dict(SMALL_TWIN), small | {"family": "resnet"})
+    return rows
+
+
+MODELS: dict[str, tuple[type, dict[str, Any], dict[str, Any]]] = {**_nfnet_rows(), **_resnet_rows()}
+
+
+def list_models() -> list[str]:
+    """All model names accepted by :func:`create_model`, sorted."""
+    return sorted(MODELS)
+
+
+def model_metadata(name: str) -> dict[str, Any]:
+    """Recipe facts of a model: family, train_size, test_size (and ra_magnitude for NFNets)."""
+    _check_name(name)
+    return dict(MODELS[name][2])
+
+
+def model_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
+    """The constructor arguments :func:`create_model` would use."""
+    _check_name(name)
+    return {**MODELS[name][1], **overrides}
+
+
+def _check_name(name: str) -> None:
+    if name not in MODELS:
+        import difflib
+
+        close = difflib.get_close_matches(name, MODELS, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} Valid names: {', '.join(list_models())}")
+
+
+def create_model(
+    name: str,
+    num_classes: int = 1000,
+    in_channels: int = 3,
+    *,
+    rngs: nnx.Rngs | None = None,
+    **overrides: Any,
+) -> nnx.Module:
+    """Builds the named model; ``overrides`` replace constructor arguments (e.g. ``drop_rate=0.0``,
+    ``dtype=jnp.bfloat16``, ``stochdepth_rate=0.25``, ``widths=(...)``)."""
+    _check_name(name)
+    cls, kwargs, _ = MODELS[name]
+    kwargs = {**kwargs, **overrides}
+    try:
+        return cls(num_classes=num_classes, in_channels=in_channels, rngs=rngs or nnx.Rngs(0), **kwargs)
+    except TypeError as e:
+        import inspect
+
+        valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "rngs")]
+        raise ValueError(
+            f"bad override for model {name!r}: {e}. Valid arguments: {', '.join(valid)}"
+        ) from None
+
+
+__all__ = [
+    "MODELS",
+    "NFNet",
+    "NFResNet",
+    "ResNet",
+    "create_model",
+    "list_models",
+    "model_kwargs",
+    "model_metadata",
+]

@@ -1,0 +1,421 @@
+"""Building blocks shared by the model zoo.
+
+Layout conventions: activations are NHWC, conv kernels HWIO, Dense kernels (in, out). Parameters are kept in
+float32; ``dtype`` is the compute dtype (bf16 on GPU/TPU, f32 on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Padding = str | Sequence[tuple[int, int]]
+GroupedConvImpl = Literal["auto", "native", "split"]
+
+# act(x) * gamma has unit variance for x ~ N(0, 1). Empirical constants of the DeepMind release (the same
+# literals timm uses); they are data, checked by tests against a Monte-Carlo estimate.
+GAMMA = {
+    "relu": 1.7139588594436646,
+    "gelu": 1.7015043497085571,
+    "silu": 1.7881293296813965,
+    "elu": 1.2716004848480225,
+    "leaky_relu": 1.70590341091156,
+    "relu6": 1.7131484746932983,
+    "selu": 1.0008515119552612,
+    "tanh": 1.5939117670059204,
+    "sigmoid": 4.803835391998291,
+    "softplus": 1.9203323125839233,
+    "identity": 1.0,
+}
+
+_BASE_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    # DeepMind uses jax.nn.gelu's default tanh approximation; "gelu_exact" is timm's erf form.
+    "gelu": jax.nn.gelu,
+    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
+    "elu": jax.nn.elu,
+    "leaky_relu": jax.nn.leaky_relu,
+    "relu6": jax.nn.relu6,
+    "selu": jax.nn.selu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "softplus": jax.nn.softplus,
+    "identity": lambda x: x,
+}
+
+
+def activation_fn(name: str, scaled: bool = True) -> Callable[[jax.Array], jax.Array]:
+    """Returns ``act(x) * gamma`` (``scaled=True``) or the plain activation.
+
+    ``gelu_exact`` shares GELU's gamma: the two forms differ by < 1e-3 in the output.
+    """
+    if name not in _BASE_ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; valid: {sorted(_BASE_ACTIVATIONS)}")
+    base = _BASE_ACTIVATIONS[name]
+    if not scaled:
+        return base
+    gamma = GAMMA["gelu" if name == "gelu_exact" else name]
+    return lambda x: base(x) * jnp.asarray(gamma, x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Convolution helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def resolve_grouped_impl(impl: GroupedConvImpl) -> Literal["native", "split"]:
+    """``auto`` picks ``split`` on CPU and the native grouped op elsewhere.
+
+    XLA:CPU lowers ``feature_group_count > 1`` to a slow generic loop (5-25x slower than one ungrouped conv per
+    group, gradients worst); GPU (cuDNN) and TPU have fast native grouped kernels.
+    """
+    if impl == "auto":
+        return "split" if jax.default_backend() == "cpu" else "native"
+    if impl not in ("native", "split"):
+        raise ValueError(f"grouped conv impl must be 'auto', 'native' or 'split', got {impl!r}")
+    return impl
+
+
+def conv2d(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: Sequence[int] = (1, 1),
+    padding: Padding = "SAME",
+    groups: int = 1,
+    impl: GroupedConvImpl = "auto",
+) -> jax.Array:
+    """NHWC x HWIO convolution; grouped convs lowered per backend (see :func:`resolve_grouped_impl`).
+
+    x: [N, H, W, C]; kernel: [kh, kw, C // groups, O]. Output channel block g uses input channel block g, the
+    same grouping as ``feature_group_count``, so both lowerings give identical results.
+    """
+    dn = ("NHWC", "HWIO", "NHWC")
+    strides = tuple(strides)
+    if groups == 1 or resolve_grouped_impl(impl) == "native":
+        return jax.lax.conv_general_dilated(
+            x, kernel, strides, padding, dimension_numbers=dn, feature_group_count=groups
+        )
+    xs = jnp.split(x, groups, axis=-1)
+    ks = jnp.split(kernel, groups, axis=-1)
+    outs = [
+        jax.lax.conv_general_dilated(xi, ki, strides, padding, dimension_numbers=dn) for xi, ki in zip(xs, ks)
+    ]
+    return jnp.concatenate(outs, axis=-1)
+
+
+def standardize_kernel(
+    kernel: jax.Array,
+    gain: jax.Array | None = None,
+    eps: float = 1e-4,
+    eps_mode: Literal["floor", "add"] = "floor",
+    gamma: float = 1.0,
+) -> jax.Array:
+    """Scaled weight standardization of an HWIO (or (in, out)) kernel, in float32.
+
+    Per output channel (last axis), with mean mu and population variance var over all other axes and
+    fan_in = prod(kernel.shape[:-1]):
+      floor (DeepMind): w_hat = (w - mu) * gain * gamma * rsqrt(max(var * fan_in, eps))
+      add   (timm):     w_hat = (w - mu) * gain * gamma / sqrt(fan_in * (var + eps))
+    """
+    w = kernel.astype(jnp.float32)
+    axes = tuple(range(w.ndim - 1))
+    fan_in = math.prod(w.shape[:-1])
+    mean = jnp.mean(w, axis=axes, keepdims=True)
+    var = jnp.var(w, axis=axes, keepdims=True)
+    if eps_mode == "floor":
+        scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps))
+    elif eps_mode == "add":
+        scale = jax.lax.rsqrt(fan_in * (var + eps))
+    else:
+        raise ValueError(f"eps_mode must be 'floor' (DeepMind) or 'add' (timm), got {eps_mode!r}")
+    if gain is not None:
+        scale = scale * gain.astype(jnp.float32)
+    if gamma != 1.0:
+        scale = scale * gamma
+    return (w - mean) * scale
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+
+class WSConv(nnx.Module):
+    """Conv2D with scaled weight standardization (NF-ResNet / NFNet), a learnable gain and a bias.
+
+    Parameters: ``kernel`` [kh, kw, in/groups, out] (variance scaling 1.0, fan_in, normal), ``gain`` [out] (1),
+    ``bias`` [out] (0). The kernel is standardized in float32 on every call, then cast to ``dtype``.
+    ``gamma`` folds an activation gamma into the kernel (timm's non-``dm_`` models).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int | Sequence[int] = 3,
+        strides: int | Sequence[int] = 1,
+        padding: Padding = "SAME",
+        groups: int = 1,
+        use_bias: bool = True,
+        eps: float = 1e-4,
+        eps_mode: Literal["floor", "add"] = "floor",
+        gamma: float = 1.0,
+        grouped_impl: GroupedConvImpl = "auto",
+        dtype: jnp.dtype | None = None,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        if in_features % groups or out_features % groups:
+            raise ValueError(f"channels {in_features}->{out_features} are not divisible by groups={groups}")
+        kh, kw = _pair(kernel_size)
+        shape = (kh, kw, in_features // groups, out_features)
+        init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+        self.kernel = nnx.Param(init(rngs.params(), shape, jnp.float32))
+        self.gain = nnx.Param(jnp.ones((out_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
+        self.strides = _pair(strides)
+        self.padding = padding
+        self.groups = groups
+        self.eps = eps
+        self.eps_mode = eps_mode
+        self.gamma = gamma
+        self.grouped_impl = grouped_impl
+        self.dtype = dtype
+
+    def standardized_kernel(self) -> jax.Array:
+        return standardize_kernel(self.kernel[...], self.gain[...], self.eps, self.eps_mode, self.gamma)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        w = self.standardized_kernel().astype(dtype)
+        y = conv2d(x.astype(dtype), w, self.strides, self.padding, self.groups, self.grouped_impl)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
+
+
+class Conv(nnx.Module):
+    """Plain Conv2D (BN baseline): HWIO ``kernel``, optional ``bias``; torchvision-style symmetric padding."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int = 3,
+        strides: int = 1,
+        padding: Padding | None = None,
+        groups: int = 1,
+        use_bias: bool = False,
+        grouped_impl: GroupedConvImpl = "auto",
+        dtype: jnp.dtype | None = None,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        shape = (kernel_size, kernel_size, in_features // groups, out_features)
+        # Kaiming normal, fan_out, ReLU gain: torchvision's ResNet init.
+        init = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+        self.kernel = nnx.Param(init(rngs.params(), shape, jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
+        pad = (kernel_size - 1) // 2
+        self.padding = padding if padding is not None else ((pad, pad), (pad, pad))
+        self.strides = (strides, strides)
+        self.groups = groups
+        self.grouped_impl = grouped_impl
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        y = conv2d(
+            x.astype(dtype),
+            self.kernel[...].astype(dtype),
+            self.strides,
+            self.padding,
+            self.groups,
+            self.grouped_impl,
+        )
+        return y if self.bias is None else y + self.bias[...].astype(dtype)
+
+
+class Linear(nnx.Module):
+    """Dense layer with an (in, out) ``kernel`` and a ``bias``; float32 params, compute in ``dtype``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_init: Callable | None = None,
+        dtype: jnp.dtype | None = None,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        # Default: truncated normal with stddev 1/sqrt(fan_in), Haiku's hk.Linear default.
+        stddev = 1.0 / math.sqrt(in_features)
+        init = kernel_init or jax.nn.initializers.truncated_normal(stddev)
+        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        return x.astype(dtype) @ self.kernel[...].astype(dtype) + self.bias[...].astype(dtype)
+
+
+class SqueezeExcite(nnx.Module):
+    """Squeeze-and-excite gate: mean over H, W -> fc0 -> ReLU -> fc1 -> sigmoid; returns [N, 1, 1, C].
+
+    The ReLU is plain (no gamma): the released NFNet weights were trained that way.
+    hidden = max(1, int(in_features * ratio)).
+    """
+
+    def __init__(self, in_features: int, out_features: int, ratio: float, dtype=None, *, rngs: nnx.Rngs):
+        hidden = max(1, int(in_features * ratio))
+        self.fc0 = Linear(in_features, hidden, dtype=dtype, rngs=rngs)
+        self.fc1 = Linear(hidden, out_features, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jnp.mean(x, axis=(1, 2))
+        h = self.fc1(jax.nn.relu(self.fc0(h)))
+        return jax.nn.sigmoid(h)[:, None, None, :]
+
+
+def stochastic_depth(
+    x: jax.Array, rate: float, key: jax.Array | None, train: bool, scale_by_keep: bool = False
+) -> jax.Array:
+    """Drops the whole residual branch of each example with probability ``rate`` (mask shape [N, 1, 1, 1]).
+
+    DeepMind's convention (default): no rescaling at train time, so the branch's expected value shrinks by
+    (1 - rate) in training; ``scale_by_keep=True`` divides kept branches by (1 - rate) instead (timm).
+    """
+    if not train or rate <= 0.0:
+        return x
+    if key is None:
+        raise ValueError("stochastic depth in training needs a PRNG key: call the model with key=...")
+    keep = 1.0 - rate
+    mask = jnp.floor(keep + jax.random.uniform(key, (x.shape[0], 1, 1, 1), jnp.float32)).astype(x.dtype)
+    if scale_by_keep:
+        x = x / jnp.asarray(keep, x.dtype)
+    return x * mask
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None, train: bool) -> jax.Array:
+    """Inverted dropout (kept units scaled by 1/(1-rate)), active only in training."""
+    if not train or rate <= 0.0:
+        return x
+    if key is None:
+        raise ValueError("dropout in training needs a PRNG key: call the model with key=...")
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class BatchNorm(nnx.Module):
+    """BatchNorm over N, H, W with optional "ghost" groups; statistics in float32.
+
+    Under ``jax.jit`` with a batch sharded over devices, the mean over the batch axis is a global reduction:
+    statistics are those of the global batch, with no axis names. ``ghost_batch_size`` > 0 splits the batch into
+    consecutive groups of that size, each normalized with its own statistics (reproduces per-device BN of a
+    baseline trained with that per-device batch, independently of the device count here).
+    Running statistics: ``mean``/``var`` (nnx.BatchStat) with torch's momentum convention
+    new = (1 - momentum) * old + momentum * batch, unbiased variance.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+        ghost_batch_size: int = 0,
+        scale_init: float = 1.0,
+        dtype=None,
+    ):
+        self.scale = nnx.Param(jnp.full((features,), scale_init, jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((features,), jnp.float32))
+        self.momentum = momentum
+        self.eps = eps
+        self.ghost_batch_size = ghost_batch_size
+        self.dtype = dtype
+
+    def _batch_stats(self, x32: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, int]:
+        """Returns (mean, var) shaped to broadcast against x, their group averages, and the sample count."""
+        n = x32.shape[0]
+        g = self.ghost_batch_size
+        if g and g < n:
+            if n % g:
+                raise ValueError(f"batch {n} is not divisible by ghost_batch_size {g}")
+            xg = x32.reshape((n // g, g) + x32.shape[1:])
+            axes = tuple(range(1, xg.ndim - 1))
+            mean = jnp.mean(xg, axis=axes, keepdims=True)
+            var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
+            count = math.prod(xg.shape[1:-1])
+            flat = lambda a: a.reshape(a.shape[0], -1).mean(0)
+            return mean, var, flat(mean), flat(var), count
+        axes = tuple(range(x32.ndim - 1))
+        mean = jnp.mean(x32, axis=axes)
+        var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+        return mean, var, mean, var, math.prod(x32.shape[:-1])
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        x32 = x.astype(jnp.float32)
+        if train:
+            mean, var, mean_avg, var_avg, count = self._batch_stats(x32)
+            unbiased = var_avg * count / max(count - 1, 1)
+            m = self.momentum
+            self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean_avg)
+            self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
+            if mean.ndim == x32.ndim + 1:  # ghost groups
+                xg = x32.reshape(mean.shape[:1] + (-1,) + x32.shape[1:])
+                y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x32.shape)
+            else:
+                y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        else:
+            y = (x32 - self.mean[...]) * jax.lax.rsqrt(self.var[...] + self.eps)
+        return (y * self.scale[...] + self.bias[...]).astype(dtype)
+
+
+def channel_stats(x: jax.Array) -> dict[str, jax.Array]:
+    """Signal-propagation statistics of an NHWC tensor (Brock et al. 2021a).
+
+    avg_sq_mean: mean over channels of (mean over N, H, W)^2; avg_var: mean over channels of the variance over
+    N, H, W.
+    """
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=(0, 1, 2))
+    var = jnp.var(x32, axis=(0, 1, 2))
+    return {"avg_sq_mean": jnp.mean(jnp.square(mean)), "avg_var": jnp.mean(var)}
+
+
+def avg_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 stride-2 average pool with SAME padding that averages only real pixels (Haiku's avg_pool)."""
+    window = (1, 2, 2, 1)
+    summed = jax.lax.reduce_window(x, jnp.zeros((), x.dtype), jax.lax.add, window, window, "SAME")
+    ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
+    counts = jax.lax.reduce_window(ones, jnp.zeros((), x.dtype), jax.lax.add, window, window, "SAME")
+    return summed / counts
+
+
+def max_pool_3x3_s2(x: jax.Array, padding: Padding = "SAME") -> jax.Array:
+    """3x3 stride-2 max pool. ``padding`` 'SAME' (Haiku/TF) or ((1, 1), (1, 1)) (torchvision)."""
+    if not isinstance(padding, str):
+        padding = ((0, 0),) + tuple(tuple(p) for p in padding) + ((0, 0),)
+    init = jnp.array(-jnp.inf, x.dtype)
+    return jax.lax.reduce_window(x, init, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), padding)
+
+
+def block_betas(depths: Sequence[int], alpha: float) -> list[float]:
+    """beta = 1/expected_std for every block; expected_std resets at each stage's first block (the reference)."""
+    betas, expected_std = [], 1.0
+    for depth in depths:
+        for i in range(depth):
+            betas.append(1.0 / expected_std)
+            if i == 0:
+                expected_std = 1.0
+            expected_std = float(np.sqrt(expected_std**2 + alpha**2))
+    return betas

@@ -1,0 +1,188 @@
+"""NFNet F0..F7 (Brock et al. 2021b), DeepMind layout, as Flax NNX modules.
+
+Parameter names follow the reference release (stem_conv0..3, blocks[i].conv0/conv1/conv1b/conv2/conv_shortcut,
+se.fc0/fc1, skip_gain, final_conv) with Flax's ``kernel``/``bias`` for weights; the classifier is ``classifier``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nfjax.models import layers as L
+
+# Per-variant data of the reference: depths, train/test resolution, RandAugment magnitude, dropout.
+NFNET_VARIANTS: dict[str, dict] = {
+    "F0": dict(depths=(1, 2, 6, 3), train_size=192, test_size=256, ra_magnitude=5, drop_rate=0.2),
+    "F1": dict(depths=(2, 4, 12, 6), train_size=224, test_size=320, ra_magnitude=10, drop_rate=0.3),
+    "F2": dict(depths=(3, 6, 18, 9), train_size=256, test_size=352, ra_magnitude=10, drop_rate=0.4),
+    "F3": dict(depths=(4, 8, 24, 12), train_size=320, test_size=416, ra_magnitude=15, drop_rate=0.4),
+    "F4": dict(depths=(5, 10, 30, 15), train_size=384, test_size=512, ra_magnitude=15, drop_rate=0.5),
+    "F5": dict(depths=(6, 12, 36, 18), train_size=416, test_size=544, ra_magnitude=15, drop_rate=0.5),
+    "F6": dict(depths=(7, 14, 42, 21), train_size=448, test_size=576, ra_magnitude=15, drop_rate=0.5),
+    "F7": dict(depths=(8, 16, 48, 24), train_size=480, test_size=608, ra_magnitude=15, drop_rate=0.5),
+}
+NFNET_WIDTHS = (256, 512, 1536, 1536)
+NFNET_PLUS_WIDTHS = (384, 768, 2048, 2048)
+RANDAUGMENT_LAYERS = 4
+
+
+class NFBlock(nnx.Module):
+    """NFNet bottleneck block: 1x1 -> grouped 3x3 (stride) -> grouped 3x3 -> 1x1, SE, SkipInit, alpha."""
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        *,
+        stride: int,
+        beta: float,
+        alpha: float,
+        bottleneck_ratio: float = 0.5,
+        group_size: int = 128,
+        se_ratio: float = 0.5,
+        stochdepth_rate: float = 0.0,
+        use_two_convs: bool = True,
+        activation: str = "gelu",
+        skipinit_gain: float = 0.0,
+        conv=L.WSConv,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ):
+        width = int(out_ch * bottleneck_ratio)
+        groups = max(1, width // group_size)
+        width = group_size * groups if width >= group_size else width
+        self.stride, self.beta, self.alpha = stride, beta, alpha
+        self.stochdepth_rate = stochdepth_rate
+        self.act = L.activation_fn(activation)
+        self.conv0 = conv(in_ch, width, 1, rngs=rngs)
+        self.conv1 = conv(width, width, 3, strides=stride, groups=groups, rngs=rngs)
+        self.conv1b = conv(width, width, 3, groups=groups, rngs=rngs) if use_two_convs else None
+        self.conv2 = conv(width, out_ch, 1, rngs=rngs)
+        self.conv_shortcut = conv(in_ch, out_ch, 1, rngs=rngs) if stride > 1 or in_ch != out_ch else None
+        self.se = L.SqueezeExcite(out_ch, out_ch, se_ratio, dtype=dtype, rngs=rngs) if se_ratio else None
+        self.skip_gain = nnx.Param(jnp.full((), skipinit_gain, jnp.float32))
+
+    def __call__(self, x, *, train: bool = False, key=None, stats: list | None = None):
+        out = self.act(x) * jnp.asarray(self.beta, x.dtype)
+        if self.stride > 1:
+            shortcut = L.avg_pool_2x2(out)
+            if self.conv_shortcut is not None:
+                shortcut = self.conv_shortcut(shortcut)
+        elif self.conv_shortcut is not None:
+            shortcut = self.conv_shortcut(out)
+        else:
+            shortcut = x
+        out = self.conv0(out)
+        out = self.conv1(self.act(out))
+        if self.conv1b is not None:
+            out = self.conv1b(self.act(out))
+        out = self.conv2(self.act(out))
+        if self.se is not None:
+            out = 2.0 * self.se(out) * out
+        residual = out
+        out = L.stochastic_depth(out, self.stochdepth_rate, key, train)
+        out = shortcut + out * (self.skip_gain[...].astype(out.dtype) * self.alpha)
+        if stats is not None:
+            stats.append({**L.channel_stats(out), "res_avg_var": L.channel_stats(residual)["avg_var"]})
+        return out
+
+
+class NFNet(nnx.Module):
+    """NFNet: 4-conv stem, NFBlocks with beta/alpha signal bookkeeping, 1x1 final conv, pooled linear head.
+
+    ``__call__(x, train=False, key=None, return_stats=False)``: x [N, H, W, C] -> logits [N, classes] (float32).
+    ``key`` drives stochastic depth and dropout in training; ``return_stats`` also returns per-block signal
+    propagation statistics stacked over blocks.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        in_channels: int = 3,
+        *,
+        depths: Sequence[int] = NFNET_VARIANTS["F0"]["depths"],
+        widths: Sequence[int] = NFNET_WIDTHS,
+        strides: Sequence[int] = (1, 2, 2, 2),
+        stem_widths: Sequence[int] = (16, 32, 64),
+        bottleneck_ratio: float = 0.5,
+        group_size: int = 128,
+        alpha: float = 0.2,
+        se_ratio: float = 0.5,
+        activation: str = "gelu",
+        stochdepth_rate: float = 0.1,
+        drop_rate: float = 0.2,
+        final_conv_mult: float = 2.0,
+        use_two_convs: bool = True,
+        skipinit_gain: float = 0.0,
+        ws_eps: float = 1e-4,
+        ws_eps_mode: str = "floor",
+        grouped_impl: L.GroupedConvImpl = "auto",
+        dtype=None,
+        rngs: nnx.Rngs,
+    ):
+        conv = partial(L.WSConv, eps=ws_eps, eps_mode=ws_eps_mode, grouped_impl=grouped_impl, dtype=dtype)
+        self.act = L.activation_fn(activation)
+        self.dtype = dtype
+        self.drop_rate = drop_rate
+        stem_out = widths[0] // 2
+        chans = (in_channels, *stem_widths, stem_out)
+        stem_strides = (2,) + (1,) * (len(stem_widths) - 1) + (2,)
+        self.stem = nnx.List(
+            [conv(chans[i], chans[i + 1], 3, strides=s, rngs=rngs) for i, s in enumerate(stem_strides)]
+        )
+        betas = L.block_betas(depths, alpha)
+        num_blocks = sum(depths)
+        blocks, ch, index = [], stem_out, 0
+        for width, depth, stride in zip(widths, depths, strides):
+            for i in range(depth):
+                blocks.append(
+                    NFBlock(
+                        ch,
+                        width,
+                        stride=stride if i == 0 else 1,
+                        beta=betas[index],
+                        alpha=alpha,
+                        bottleneck_ratio=bottleneck_ratio,
+                        group_size=group_size,
+                        se_ratio=se_ratio,
+                        stochdepth_rate=stochdepth_rate * index / num_blocks,
+                        use_two_convs=use_two_convs,
+                        activation=activation,
+                        skipinit_gain=skipinit_gain,
+                        conv=conv,
+                        dtype=dtype,
+                        rngs=rngs,
+                    )
+                )
+                ch, index = width, index + 1
+        self.blocks = nnx.List(blocks)
+        final_ch = int(final_conv_mult * ch)
+        self.final_conv = conv(ch, final_ch, 1, rngs=rngs)
+        self.classifier = L.Linear(
+            final_ch, num_classes, kernel_init=jax.nn.initializers.normal(0.01), dtype=dtype, rngs=rngs
+        )
+
+    def __call__(self, x, *, train: bool = False, key=None, return_stats: bool = False):
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+        for i, conv in enumerate(self.stem):
+            x = conv(x)
+            if i < len(self.stem) - 1:
+                x = self.act(x)
+        stats = [] if return_stats else None
+        for i, block in enumerate(self.blocks):
+            block_key = None if key is None else jax.random.fold_in(key, i)
+            x = block(x, train=train, key=block_key, stats=stats)
+        x = self.act(self.final_conv(x))
+        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        drop_key = None if key is None else jax.random.fold_in(key, len(self.blocks))
+        pooled = L.dropout(pooled, self.drop_rate, drop_key, train)
+        logits = self.classifier(pooled).astype(jnp.float32)
+        if return_stats:
+            return logits, jax.tree.map(lambda *v: jnp.stack(v), *stats)
+        return logits
