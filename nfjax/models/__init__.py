@@ -107,9 +107,7 @@ def create_model(
         import inspect
 
         valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "rngs")]
-        raise ValueError(
-            f"bad override for model {name!r}: {e}. Valid arguments: {', '.join(valid)}"
-        ) from None
+        raise ValueError(f"bad override for model {name!r}: {e}. Valid arguments: {', '.join(valid)}") from None
 
 
 __all__ = [

@@ -45,9 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model           {report['model']} at {size}x{size}")
         print(f"parameters      {report['params']:,}")
         print(f"MACs (conv+dot) {report['macs'] / 1e9:.3f} G  (every kernel tap; the papers' convention)")
-        print(
-            f"XLA flops/image {report['xla_flops_per_image'] / 1e9:.3f} G  (XLA cost analysis; skips padding)"
-        )
+        print(f"XLA flops/image {report['xla_flops_per_image'] / 1e9:.3f} G  (XLA cost analysis; skips padding)")
     return 0
 
 

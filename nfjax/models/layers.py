@@ -105,7 +105,8 @@ def conv2d(
     xs = jnp.split(x, groups, axis=-1)
     ks = jnp.split(kernel, groups, axis=-1)
     outs = [
-        jax.lax.conv_general_dilated(xi, ki, strides, padding, dimension_numbers=dn) for xi, ki in zip(xs, ks)
+        jax.lax.conv_general_dilated(xi, ki, strides, padding, dimension_numbers=dn)
+        for xi, ki in zip(xs, ks, strict=True)
     ]
     return jnp.concatenate(outs, axis=-1)
 

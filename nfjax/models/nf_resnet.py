@@ -129,7 +129,7 @@ class NFResNet(nnx.Module):
         betas = L.block_betas(depths, alpha)
         num_blocks = sum(depths)
         blocks, ch, index = [], stem_width, 0
-        for width, depth, stride in zip(widths, depths, strides):
+        for width, depth, stride in zip(widths, depths, strides, strict=True):
             for i in range(depth):
                 blocks.append(
                     NFResBlock(

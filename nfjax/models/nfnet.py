@@ -138,7 +138,7 @@ class NFNet(nnx.Module):
         betas = L.block_betas(depths, alpha)
         num_blocks = sum(depths)
         blocks, ch, index = [], stem_out, 0
-        for width, depth, stride in zip(widths, depths, strides):
+        for width, depth, stride in zip(widths, depths, strides, strict=True):
             for i in range(depth):
                 blocks.append(
                     NFBlock(

@@ -108,9 +108,7 @@ class ResNet(nnx.Module):
         if stem not in ("imagenet", "small"):
             raise ValueError(f"stem must be 'imagenet' or 'small', got {stem!r}")
         conv = partial(L.Conv, dtype=dtype)
-        norm = partial(
-            L.BatchNorm, momentum=bn_momentum, eps=bn_eps, ghost_batch_size=bn_ghost_size, dtype=dtype
-        )
+        norm = partial(L.BatchNorm, momentum=bn_momentum, eps=bn_eps, ghost_batch_size=bn_ghost_size, dtype=dtype)
         self.dtype, self.drop_rate, self.stem_kind = dtype, drop_rate, stem
         self.stem_conv = conv(
             in_channels,
@@ -122,7 +120,7 @@ class ResNet(nnx.Module):
         self.stem_bn = norm(stem_width)
         num_blocks = sum(depths)
         blocks, ch, index = [], stem_width, 0
-        for width, depth, stride in zip(widths, depths, strides):
+        for width, depth, stride in zip(widths, depths, strides, strict=True):
             for i in range(depth):
                 rate = stochdepth_rate * index / max(num_blocks - 1, 1)
                 blocks.append(
