@@ -1,0 +1,202 @@
+"""Benchmarks: ``python -m nfjax.benchmark <benchmark> [options]``.
+
+data   images/s (and per CPU core) of the training input pipeline, e.g.
+       python -m nfjax.benchmark data --dataset synthetic_jpeg --preset crop_flip
+       python -m nfjax.benchmark data --dataset fashion_mnist --data-dir DIR --preset small
+       With synthetic_jpeg (or --compare-plain on an image folder) the same files also go through a plain
+       tf.data decode -> crop -> flip -> resize loop, and the ratio of the two rates is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def make_synthetic_jpegs(root: str | Path, num_images: int = 300, num_classes: int = 4, seed: int = 0) -> Path:
+    """Writes ImageNet-sized JPEGs (about 500x375, varied sizes) into root/<class>/: smooth colour fields
+    with shapes and mild noise, so they compress like photographs rather than like noise or flat colour."""
+    from PIL import Image, ImageDraw
+
+    rng, root = np.random.default_rng(seed), Path(root)
+    for i in range(num_images):
+        width, height = int(rng.integers(400, 600)), int(rng.integers(300, 450))
+        field = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        image = Image.fromarray(field).resize((width, height), Image.BICUBIC)
+        draw = ImageDraw.Draw(image)
+        for _ in range(6):
+            x0, y0 = int(rng.integers(0, width - 40)), int(rng.integers(0, height - 40))
+            box = [x0, y0, x0 + int(rng.integers(20, 200)), y0 + int(rng.integers(20, 200))]
+            draw.ellipse(box, fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        pixels = np.asarray(image, np.int16) + rng.normal(0, 6, (height, width, 3)).astype(np.int16)
+        folder = root / f"class_{i % num_classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"img_{i:05d}.jpg", quality=90)
+    return root
+
+
+def preset_config(preset: str, dataset: str, data_dir: str, image_size: int):
+    """Data configs of the recipes: crop_flip (RRC + flip), nfnet (+ RandAugment 4x5, MixUp/CutMix),
+    rsb_a1 (timm RandAugment m7, mixes, BCE targets, repeated augmentation), small (pad-crop + flip)."""
+    from nfjax.data import default_data_config, fashion_mnist_data_config
+
+    if preset == "small":
+        cfg = fashion_mnist_data_config(data_dir)
+        cfg.dataset = dataset
+        return cfg
+    cfg = default_data_config()
+    cfg.dataset, cfg.data_dir, cfg.image_size = dataset, data_dir, image_size
+    if preset == "nfnet":
+        cfg.randaugment_layers, cfg.randaugment_magnitude = 4, 5.0
+        cfg.mixup_alpha, cfg.cutmix_alpha, cfg.label_smoothing = 0.2, 1.0, 0.1
+    elif preset == "rsb_a1":
+        cfg.randaugment_layers, cfg.randaugment_magnitude, cfg.randaugment_variant = 2, 7.0, "timm"
+        cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_mode = 0.2, 1.0, "timm"
+        cfg.label_smoothing, cfg.bce_target_thresh, cfg.repeated_aug = 0.1, 0.2, 3
+    elif preset != "crop_flip":
+        raise ValueError(f"unknown preset {preset!r}")
+    return cfg
+
+
+def measure(batches: Iterator, batch_size: int, steps: int, warmup: int, label: str) -> tuple[float, float]:
+    """(images per wall-clock second, images per CPU-second of this process) over ``steps`` batches after
+    ``warmup`` batches. CPU time counts every thread of the process, so the second number is the cost per
+    core and is less sensitive to other programs sharing the machine."""
+    from tqdm import tqdm
+
+    for _ in range(warmup):
+        next(batches)
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in tqdm(range(steps), desc=label, unit="batch", leave=False, mininterval=1.0):
+        next(batches)
+    images = steps * batch_size
+    return images / (time.perf_counter() - wall), images / (time.process_time() - cpu)
+
+
+def plain_tfdata_batches(files: Sequence[str], batch_size: int, image_size: int) -> Iterator:
+    """The reference: read -> decode_jpeg -> sampled crop -> flip -> bicubic resize -> batch, AUTOTUNE."""
+    from nfjax.data.augment import RRC_AREA_RANGE, RRC_ASPECT_RANGE, RRC_MAX_ATTEMPTS
+    from nfjax.data.tf_lazy import import_tf
+
+    tf = import_tf()
+
+    def load(path):
+        image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
+        begin, size, _ = tf.image.sample_distorted_bounding_box(
+            tf.shape(image),
+            tf.zeros([0, 0, 4]),
+            area_range=RRC_AREA_RANGE,
+            aspect_ratio_range=RRC_ASPECT_RANGE,
+            max_attempts=RRC_MAX_ATTEMPTS,
+            use_image_if_no_bounding_boxes=True,
+        )
+        image = tf.image.random_flip_left_right(tf.slice(image, begin, size))
+        return tf.image.resize(image, [image_size, image_size], method="bicubic")
+
+    ds = tf.data.Dataset.from_tensor_slices(list(files)).shuffle(len(files)).repeat()
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size, drop_remainder=True)
+    return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+
+def _close(iterator) -> None:
+    """Stops a pipeline so that its threads do not compete with the next measurement."""
+    if hasattr(iterator, "close"):
+        iterator.close()
+
+
+def benchmark_data(args: argparse.Namespace) -> dict:
+    """Runs the data benchmark; returns {name: [(img/s, img per CPU-second) per round]}.
+
+    Pipelines are measured one at a time, alternating over ``args.rounds`` rounds, each built afresh and
+    closed after its measurement; the report takes the median round.
+    """
+    from nfjax.data import build_train_iterator
+    from nfjax.data.sources import ImageFolderSource
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset, data_dir = args.dataset, args.data_dir
+        if dataset == "synthetic_jpeg":
+            dataset, data_dir = "image_folder", str(make_synthetic_jpegs(tmp, args.num_images))
+        cfg = preset_config(args.preset, dataset, data_dir, args.image_size)
+        if args.backend:
+            cfg.backend = args.backend
+        builders = {
+            "nfjax": lambda: build_train_iterator(
+                cfg, global_batch=args.batch, device_count=1, process_count=1, process_index=0
+            )
+        }
+        # The reference loop does crop + flip only, so by default it is compared with that preset alone.
+        if args.compare_plain or (args.dataset == "synthetic_jpeg" and args.preset == "crop_flip"):
+            files = ImageFolderSource(data_dir, "all").paths
+            builders["plain_tfdata"] = lambda: plain_tfdata_batches(files, args.batch, args.image_size)
+        result = {name: [] for name in builders}
+        for round_index in range(args.rounds):
+            for name, build in builders.items():
+                iterator = build()
+                label = f"{name} round {round_index + 1}/{args.rounds}"
+                result[name].append(measure(iterator, args.batch, args.steps, args.warmup, label))
+                _close(iterator)
+                del iterator
+    _report(result, args)
+    return result
+
+
+def _median(rounds: list, index: int) -> float:
+    return float(np.median([r[index] for r in rounds]))
+
+
+def _report(result: dict, args: argparse.Namespace) -> None:
+    cores = cpu_cores()
+    print(
+        f"data benchmark: dataset={args.dataset} preset={args.preset} batch={args.batch} steps={args.steps} "
+        f"rounds={args.rounds} cores={cores} (median round)"
+    )
+    for name, rounds in result.items():
+        wall, cpu = _median(rounds, 0), _median(rounds, 1)
+        print(
+            f"  {name:<13} {wall:8.1f} images/s  {wall / cores:8.1f} images/s per core (wall)  "
+            f"{cpu:8.1f} images per CPU-second"
+        )
+    if "plain_tfdata" in result:
+        ratios = [_median(result["nfjax"], i) / _median(result["plain_tfdata"], i) for i in (0, 1)]
+        print(f"  nfjax / plain tf.data: {ratios[0]:.2f} (wall-clock), {ratios[1]:.2f} (per CPU-second)")
+
+
+def add_data_parser(subparsers) -> None:
+    parser = subparsers.add_parser("data", help="input pipeline throughput")
+    parser.add_argument("--dataset", default="synthetic_jpeg", help="TFDS name, image_folder or synthetic_jpeg")
+    parser.add_argument("--data-dir", default="~/tensorflow_datasets", help="TFDS data_dir or image folder")
+    parser.add_argument("--preset", default="crop_flip", choices=["crop_flip", "nfnet", "rsb_a1", "small"])
+    parser.add_argument("--backend", default=None, choices=["auto", "tfdata", "numpy"])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating measurements; the median is reported")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--num-images", type=int, default=300, help="synthetic_jpeg: files to generate")
+    parser.add_argument("--compare-plain", action="store_true", help="also time a plain tf.data loop")
+    parser.set_defaults(run=benchmark_data)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m nfjax.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    subparsers = parser.add_subparsers(dest="benchmark", required=True)
+    add_data_parser(subparsers)
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

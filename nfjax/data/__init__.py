@@ -1,0 +1,45 @@
+"""Input pipelines: TFDS datasets, offline Fashion-MNIST, image folders, and the recipes' augmentations.
+
+Importing this package does not import TensorFlow; the first pipeline that needs it imports it (with GPUs
+hidden from TF and TFDS kept off the network).
+
+API (``cfg`` is the ``data`` ConfigDict from ``default_data_config()``; every field is in docs/data.md):
+
+  default_data_config() -> ConfigDict
+  fashion_mnist_data_config(data_dir) -> ConfigDict           # native 28x28x1, pad-crop + flip, NumPy path
+  dataset_info(cfg) -> DatasetInfo(num_train_examples, num_eval_examples, num_classes, image_shape,
+                                   class_names)              # metadata only, cheap
+  build_train_iterator(cfg, *, global_batch, mesh=None, start_step=0, seed=None,
+                       process_index=None, process_count=None, device_count=None) -> Iterator[dict]
+  build_eval_iterator(cfg, *, global_batch, split=None, mesh=None,
+                      process_index=None, process_count=None, device_count=None) -> Iterator[dict]
+  to_global_batch(batch, mesh, data_axis='data') -> dict[str, jax.Array]
+  prepare_fashion_mnist(data_dir, source_dir='/usr/share/datasets/fashion-mnist') -> str
+  (CLI: python -m nfjax.data.prepare fashion_mnist --data-dir DIR)
+
+Batches are dicts of host NumPy arrays (or global jax Arrays when ``mesh`` is given), b = local batch:
+  'image'       float32 [b, H, W, C]  normalized on the host: (x - 255 * mean) / (255 * std)
+  'label'       int32 [b]             the class (for MixUp/CutMix: the dominant image's class)
+  'label_probs' float32 [b, K]        train only, when mixing, label smoothing or BCE targets are on
+  'mask'        float32 [b]           eval only: 1 for real examples, 0 for padding
+Training batch ``start_step`` of a resumed pipeline equals the batch at that step of an uninterrupted one.
+"""
+
+from nfjax.data.config import default_data_config, fashion_mnist_data_config
+from nfjax.data.fashion_mnist import prepare_fashion_mnist
+from nfjax.data.pipeline import DatasetInfo, build_eval_iterator, build_train_iterator, dataset_info
+from nfjax.data.sharding import check_global_batch, to_global_batch
+from nfjax.data.sources import DatasetNotFoundError
+
+__all__ = [
+    "DatasetInfo",
+    "DatasetNotFoundError",
+    "build_eval_iterator",
+    "build_train_iterator",
+    "check_global_batch",
+    "dataset_info",
+    "default_data_config",
+    "fashion_mnist_data_config",
+    "prepare_fashion_mnist",
+    "to_global_batch",
+]

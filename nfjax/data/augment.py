@@ -1,0 +1,176 @@
+"""Per-image TensorFlow preprocessing: decode, crops, flips, resizes, normalization.
+
+All randomness is *stateless*: every function takes a ``seed`` (int32/int64 [2]) derived from
+(seed, epoch, position in the epoch), so an example's augmentation does not depend on thread scheduling or on
+where the pipeline was (re)started. Inputs are either encoded bytes (JPEG/PNG; JPEG crops are decoded with the
+fused ``decode_and_crop_jpeg``, which only decodes the crop window) or decoded uint8 [H, W, C] tensors.
+Outputs are float32 [H, W, C] in [0, 255] units (bicubic resizes can overshoot that range slightly, as in
+DeepMind's pipeline).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nfjax.data.tf_lazy import import_tf
+
+# DeepMind's random-resized-crop parameters (Inception-style distorted bounding box).
+RRC_AREA_RANGE = (0.08, 1.0)
+RRC_ASPECT_RANGE = (3 / 4, 4 / 3)
+RRC_MAX_ATTEMPTS = 10
+RRC_MIN_OBJECT_COVERED = 0.1
+CENTER_CROP_PADDING = 32  # DeepMind eval: resize to size + 32, crop size
+
+
+def is_encoded(image) -> bool:
+    return image.dtype == import_tf().string
+
+
+def decode(image, channels: int):
+    """Encoded bytes -> uint8 [H, W, channels]; a decoded tensor passes through."""
+    tf = import_tf()
+    if not is_encoded(image):
+        return image
+    return tf.io.decode_image(image, channels=channels, expand_animations=False)
+
+
+def image_shape(image):
+    """[H, W, C] of encoded JPEG bytes (header only) or of a decoded tensor."""
+    return import_tf().image.extract_jpeg_shape(image) if is_encoded(image) else import_tf().shape(image)
+
+
+def crop(image, window, channels: int):
+    """Crops window [y, x, h, w]; JPEG bytes are decoded only inside the window."""
+    tf = import_tf()
+    if is_encoded(image):
+        return tf.image.decode_and_crop_jpeg(image, tf.stack(window), channels=channels)
+    return tf.image.crop_to_bounding_box(image, window[0], window[1], window[2], window[3])
+
+
+def center_crop_window(shape, size: int, padding: int = CENTER_CROP_PADDING):
+    """The largest centred window of aspect 1 that leaves ``padding`` px (at ``size`` scale) on the short side."""
+    tf = import_tf()
+    height, width = shape[0], shape[1]
+    scale = tf.minimum(tf.cast(height, tf.float32), tf.cast(width, tf.float32)) / float(size + padding)
+    side = tf.cast(scale * float(size), tf.int32)
+    return [(height - side + 1) // 2, (width - side + 1) // 2, side, side]
+
+
+def sample_crop_window(shape, seed, size: int, area_range=RRC_AREA_RANGE, aspect_range=RRC_ASPECT_RANGE):
+    """DeepMind random-resized-crop window [y, x, h, w] for an image of ``shape`` [H, W, C].
+
+    Up to 10 attempts at a box of area in area_range (relative) and aspect (w / h) in aspect_range; when all
+    fail the sampler returns the whole image, which (as in DeepMind's code) is replaced by the padded center
+    crop used at eval for output ``size``.
+    """
+    tf = import_tf()
+    whole_image = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, shape=[1, 1, 4])
+    begin, box_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape,
+        bounding_boxes=whole_image,
+        seed=seed,
+        min_object_covered=RRC_MIN_OBJECT_COVERED,
+        aspect_ratio_range=aspect_range,
+        area_range=area_range,
+        max_attempts=RRC_MAX_ATTEMPTS,
+        use_image_if_no_bounding_boxes=True,
+    )
+    window = [begin[0], begin[1], box_size[0], box_size[1]]
+    failed = tf.logical_and(tf.equal(box_size[0], shape[0]), tf.equal(box_size[1], shape[1]))
+    fallback = center_crop_window(shape, size)
+    return [tf.where(failed, f, w) for f, w in zip(fallback, window, strict=True)]
+
+
+def resize(image, height: int, width: int, antialias: bool = False):
+    """Bicubic resize to [height, width] as float32 (no clipping, like DeepMind)."""
+    tf = import_tf()
+    return tf.image.resize(tf.cast(image, tf.float32), [height, width], method="bicubic", antialias=antialias)
+
+
+def random_resized_crop(image, size: int, seed, channels: int):
+    """Encoded or decoded image -> float32 [size, size, channels] random-resized crop."""
+    tf = import_tf()
+
+    def crop_and_resize(im):
+        return resize(crop(im, sample_crop_window(image_shape(im), seed, size), channels), size, size)
+
+    if not is_encoded(image):
+        return crop_and_resize(image)
+    # Only JPEG can be decoded inside a window; PNG (and others) are decoded whole first.
+    return tf.cond(
+        tf.io.is_jpeg(image),
+        lambda: crop_and_resize(image),
+        lambda: crop_and_resize(decode(image, channels)),
+    )
+
+
+def pad_and_random_crop(image, padding: int, seed):
+    """Zero-pads ``padding`` px on each side, then crops a random window of the original size."""
+    tf = import_tf()
+    shape = tf.shape(image)
+    padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
+    return tf.image.stateless_random_crop(padded, shape, seed=seed)
+
+
+def random_flip(image, seed):
+    return import_tf().image.stateless_random_flip_left_right(image, seed=seed)
+
+
+def resize_to(image, size: int | None, channels: int):
+    """Decodes and (only if needed) resizes to size x size (not aspect-preserving); float32."""
+    tf = import_tf()
+    image = decode(image, channels)
+    if size is None:
+        return tf.cast(image, tf.float32)
+    shape = tf.shape(image)
+    same = tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size))
+    return tf.cond(
+        same,
+        lambda: tf.cast(tf.ensure_shape(image, [size, size, channels]), tf.float32),
+        lambda: resize(image, size, size),
+    )
+
+
+def eval_preprocess(image, size: int | None, mode: str, crop_pct: float, channels: int):
+    """Eval transform -> float32 [size, size, channels].
+
+    'deepmind': resize (not aspect-preserving, bicubic) to (size + 32)^2, center-crop size.
+    'crop_pct': timm; resize the short side to floor(size / crop_pct) (aspect-preserving, bicubic,
+                antialiased), center-crop size.
+    'none':     decode only (resize to size if the stored size differs).
+    """
+    tf = import_tf()
+    if mode == "none" or size is None:
+        return resize_to(image, size, channels)
+    image = decode(image, channels)
+    if mode == "deepmind":
+        scaled = resize(image, size + CENTER_CROP_PADDING, size + CENTER_CROP_PADDING)
+    elif mode == "crop_pct":
+        shape = tf.cast(tf.shape(image)[:2], tf.float32)
+        short_side = float(int(size / crop_pct))
+        new_hw = tf.cast(tf.round(shape * short_side / tf.reduce_min(shape)), tf.int32)
+        new_hw = tf.maximum(new_hw, size)
+        scaled = tf.image.resize(tf.cast(image, tf.float32), new_hw, method="bicubic", antialias=True)
+    else:
+        raise ValueError(f"unknown eval_preprocess {mode!r}; use 'deepmind', 'crop_pct' or 'none'")
+    shape = tf.shape(scaled)
+    top, left = (shape[0] - size + 1) // 2, (shape[1] - size + 1) // 2
+    return tf.ensure_shape(scaled[top : top + size, left : left + size], [size, size, channels])
+
+
+def normalize(image, mean, std, to_rgb: bool):
+    """(x - 255 * mean) / (255 * std) per channel; a 1-channel image is then copied to 3 if ``to_rgb``.
+
+    With a static image shape the per-channel constants are expanded to the full [H, W, C] shape: TF's
+    elementwise kernels broadcasting a [C] vector over the last axis were 4-5x slower than same-shape ones,
+    which made normalization cost more than the random-resized crop itself.
+    """
+    tf = import_tf()
+    shift = -np.asarray(mean, np.float32) / np.asarray(std, np.float32)
+    scale = 1.0 / (255.0 * np.asarray(std, np.float32))
+    if image.shape.is_fully_defined():
+        shift, scale = np.broadcast_to(shift, image.shape).copy(), np.broadcast_to(scale, image.shape).copy()
+    image = image * tf.constant(scale) + tf.constant(shift)
+    if to_rgb and image.shape[-1] == 1:
+        image = tf.tile(image, [1, 1, 3])
+    return image

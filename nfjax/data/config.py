@@ -1,0 +1,81 @@
+"""The data section of an experiment config: every field, its default, and per-dataset statistics."""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Per-channel mean/std in [0, 1] units. Images are normalized as (x - 255 * mean) / (255 * std).
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DATASET_STATS = {
+    "fashion_mnist": ((0.2860,), (0.3530,)),  # measured on the 60,000 training images
+    "mnist": ((0.1307,), (0.3081,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+DEFAULT_DATA_DIR = "~/tensorflow_datasets"
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """All data fields with ImageNet-style defaults (no mixing, no RandAugment). See docs/data.md."""
+    c = ml_collections.ConfigDict()
+    c.dataset = "imagenet2012"  # a TFDS name, or "image_folder" (then data_dir is the folder)
+    c.data_dir = DEFAULT_DATA_DIR
+    c.train_split = "train"  # TFDS split syntax works: "train[:90%]"
+    c.eval_split = "validation"
+    c.holdout_fraction = 0.0  # image_folder only: fraction of each class kept for split "holdout"
+    c.num_train_examples = ml_collections.FieldReference(None, field_type=int)  # None: from the split
+    c.image_size = ml_collections.FieldReference(224, field_type=int)  # None: native size
+    c.eval_image_size = ml_collections.FieldReference(None, field_type=int)  # None: image_size
+    c.eval_preprocess = "deepmind"  # 'deepmind' (resize to S+32, crop S) | 'crop_pct' | 'none'
+    c.crop_pct = 0.875
+    c.random_resized_crop = True
+    c.pad_crop = 0  # pixels of zero padding before a random crop back to size (small images)
+    c.flip = True
+    c.randaugment_layers = 0  # 0: off
+    c.randaugment_magnitude = 10.0
+    c.randaugment_variant = "deepmind"  # 'deepmind' (16 ops, always applied) | 'timm' (rand-mM-mstdS-inc1)
+    c.randaugment_magnitude_std = 0.5  # timm only
+    c.randaugment_prob = 0.5  # timm only: each layer applies its op with this probability
+    c.mixup_alpha = 0.0
+    c.cutmix_alpha = 0.0
+    c.mix_mode = "deepmind"  # 'deepmind': half MixUp, half CutMix | 'timm': one per batch, switch_prob
+    c.switch_prob = 0.5
+    c.label_smoothing = 0.0
+    c.bce_target_thresh = ml_collections.FieldReference(None, field_type=float)  # e.g. 0.2 for RSB A1
+    c.repeated_aug = 1  # RSB uses 3: each image appears this many times per epoch
+    c.grayscale_to_rgb = False
+    c.mean = ml_collections.FieldReference(None, field_type=tuple)  # None: DATASET_STATS or ImageNet
+    c.std = ml_collections.FieldReference(None, field_type=tuple)
+    c.backend = "auto"  # 'auto' | 'tfdata' | 'numpy' (in-memory arrays, numpy augmentation)
+    c.cache_in_memory = ml_collections.FieldReference(None, field_type=bool)  # None: when it fits
+    c.max_in_memory_bytes = 4 * 2**30
+    c.shuffle_buffer = 16384  # tf.data streaming path only
+    c.prefetch = 2  # host batches prepared ahead by a background thread
+    c.tf_threads = 0  # tf.data private thread pool size; 0: TF default (all cores)
+    c.seed = 0
+    return c
+
+
+def fashion_mnist_data_config(data_dir: str = DEFAULT_DATA_DIR) -> ml_collections.ConfigDict:
+    """Fashion-MNIST at its native 28x28x1, pad-crop + flip, in-memory NumPy backend."""
+    c = default_data_config()
+    c.dataset, c.data_dir = "fashion_mnist", data_dir
+    c.train_split, c.eval_split = "train", "test"
+    c.image_size = None
+    c.eval_preprocess = "none"
+    c.random_resized_crop = False
+    c.pad_crop = 2
+    return c
+
+
+def mean_std(cfg: ml_collections.ConfigDict, channels: int) -> tuple[tuple, tuple]:
+    """Mean/std in [0, 1] units with one value per input channel (before any grayscale->RGB copy)."""
+    mean, std = cfg.mean, cfg.std
+    if mean is None or std is None:
+        mean, std = DATASET_STATS.get(cfg.dataset, (IMAGENET_MEAN, IMAGENET_STD))
+        if channels == 1 and len(mean) == 3:
+            mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    if len(mean) not in (1, channels) or len(std) not in (1, channels):
+        raise ValueError(f"mean/std have {len(mean)}/{len(std)} values but images have {channels} channels")
+    return tuple(mean), tuple(std)

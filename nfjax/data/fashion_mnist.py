@@ -1,0 +1,88 @@
+"""Fashion-MNIST from local IDX files (e.g. Debian's ``dataset-fashion-mnist``) into a TFDS data_dir.
+
+The Debian files hold the same images as the upstream download but are compressed differently, so their
+checksums do not match the ones TFDS registers and TFDS would not accept them as its download. Instead we
+parse the IDX files and write a TFDS dataset named ``fashion_mnist`` with the features, version and splits of
+the registered builder. Afterwards ``tfds.builder('fashion_mnist', data_dir=...)`` and ``tfds.load`` read it
+like any prepared dataset, and the pipeline reads it through the same code path as every other dataset.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+
+from nfjax.data.tf_lazy import import_tfds
+
+DEBIAN_SOURCE_DIR = "/usr/share/datasets/fashion-mnist"
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+EXPECTED_COUNTS = {"train": 60_000, "test": 10_000}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Parses an IDX file (optionally gzipped): uint8 array of the shape stored in its header."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find_idx(source_dir: Path, stem: str) -> Path:
+    for candidate in (source_dir / f"{stem}.gz", source_dir / stem):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(
+        f"{source_dir / stem}.gz not found. On Debian/Ubuntu: apt-get install dataset-fashion-mnist "
+        f"(files land in {DEBIAN_SOURCE_DIR}), or pass the folder holding the four IDX files."
+    )
+
+
+def load_idx_split(source_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, 28, 28, 1], labels uint8 [N]) for 'train' or 'test' straight from the IDX files."""
+    image_stem, label_stem = IDX_FILES[split]
+    images = read_idx(_find_idx(Path(source_dir), image_stem))
+    labels = read_idx(_find_idx(Path(source_dir), label_stem))
+    if len(images) != EXPECTED_COUNTS[split] or len(labels) != len(images):
+        raise ValueError(f"{split}: {len(images)} images, {len(labels)} labels; expected {EXPECTED_COUNTS[split]}")
+    return images[..., None], labels
+
+
+def prepare_fashion_mnist(data_dir: str, source_dir: str = DEBIAN_SOURCE_DIR) -> str:
+    """Writes TFDS ``fashion_mnist`` into data_dir from IDX files; returns the dataset folder.
+
+    Idempotent: when the dataset is already prepared it returns at once without reading anything.
+    """
+    tfds = import_tfds()
+    data_dir = os.path.expanduser(data_dir)
+    registered = tfds.builder("fashion_mnist", data_dir=data_dir, try_gcs=False)
+    if registered.is_prepared():
+        return str(registered.data_dir)
+    splits = {name: load_idx_split(source_dir, name) for name in IDX_FILES}
+
+    def examples(images: np.ndarray, labels: np.ndarray):
+        for i in range(len(labels)):
+            yield i, {"image": images[i], "label": int(labels[i])}
+
+    info = registered.info  # the registered features/version, so the registered builder can read the result
+    builder = tfds.dataset_builders.store_as_tfds_dataset(
+        name="fashion_mnist",
+        version=str(registered.version),
+        features=info.features,
+        split_datasets={name: examples(*arrays) for name, arrays in splits.items()},
+        data_dir=data_dir,
+        description=info.description,
+        homepage=info.homepage,
+        citation=info.citation,
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+    )
+    return str(builder.data_dir)

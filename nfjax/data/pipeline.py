@@ -1,0 +1,239 @@
+"""The builders the trainer calls: dataset_info, build_train_iterator, build_eval_iterator.
+
+Backend choice (config ``backend``): 'numpy' runs the in-memory NumPy path (small images; pad-crop and flip
+only); 'tfdata' runs tf.data (any augmentation, any size); 'auto' picks 'numpy' when the split fits in
+memory (``cache_in_memory``/``max_in_memory_bytes``) and every requested augmentation has a NumPy version.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import numpy as np
+
+from nfjax.data import numpy_backend, sharding, tfdata_backend
+from nfjax.data.config import mean_std
+from nfjax.data.mix import mix_batch, needs_label_probs
+from nfjax.data.sources import SourceInfo, make_source
+
+MIX_SALT = 0x31C
+
+
+class DatasetInfo(NamedTuple):
+    """What the trainer needs to size the model and the schedule; read from metadata only."""
+
+    num_train_examples: int
+    num_eval_examples: int
+    num_classes: int
+    image_shape: tuple[int, int, int]  # (H, W, C) of train batches, after grayscale->RGB if configured
+    class_names: tuple[str, ...]
+
+
+def _train_size(cfg, info: SourceInfo) -> int:
+    size = cfg.image_size or info.image_shape[0]
+    if size is None:
+        raise ValueError(f"images of '{cfg.dataset}' vary in size: set data.image_size")
+    return int(size)
+
+
+def _eval_size(cfg, info: SourceInfo) -> int | None:
+    return cfg.eval_image_size or cfg.image_size or info.image_shape[0]
+
+
+def batch_image_shape(cfg, info: SourceInfo, train: bool = True) -> tuple[int, int, int]:
+    """(H, W, C) of the images in train (or eval) batches."""
+    size = _train_size(cfg, info) if train else _eval_size(cfg, info)
+    channels = 3 if cfg.grayscale_to_rgb else info.image_shape[-1]
+    return (size, size, channels)
+
+
+def dataset_info(cfg) -> DatasetInfo:
+    """Example counts, classes and batch image shape from the dataset's metadata (no image is read)."""
+    train, evaluation = make_source(cfg, cfg.train_split).info(), make_source(cfg, cfg.eval_split).info()
+    return DatasetInfo(
+        num_train_examples=cfg.num_train_examples or train.num_examples,
+        num_eval_examples=evaluation.num_examples,
+        num_classes=train.num_classes,
+        image_shape=batch_image_shape(cfg, train),
+        class_names=train.class_names,
+    )
+
+
+def fits_in_memory(cfg, info: SourceInfo) -> bool:
+    if cfg.cache_in_memory is not None:
+        return bool(cfg.cache_in_memory)
+    if None in info.image_shape:
+        return False
+    return info.num_examples * math.prod(info.image_shape) <= cfg.max_in_memory_bytes
+
+
+def numpy_unsupported(cfg, info: SourceInfo, train: bool) -> list[str]:
+    """Requested options the NumPy path cannot do (empty: it can run this config)."""
+    native = info.image_shape[0]
+    reasons = []
+    if None in info.image_shape:
+        reasons.append("images of varying size")
+    if train and cfg.random_resized_crop:
+        reasons.append("random_resized_crop")
+    if train and cfg.randaugment_layers > 0:
+        reasons.append("randaugment")
+    if (cfg.image_size or native) != native or (not train and (_eval_size(cfg, info) != native)):
+        reasons.append(f"resizing from the stored {native} px")
+    if not train and cfg.eval_preprocess != "none" and (cfg.eval_image_size or cfg.image_size):
+        reasons.append(f"eval_preprocess '{cfg.eval_preprocess}'")
+    return reasons
+
+
+def resolve_backend(cfg, info: SourceInfo, train: bool) -> str:
+    """'numpy' or 'tfdata' for this config (see module docstring)."""
+    if cfg.backend not in ("auto", "numpy", "tfdata"):
+        raise ValueError(f"unknown data backend {cfg.backend!r}; use 'auto', 'numpy' or 'tfdata'")
+    unsupported = numpy_unsupported(cfg, info, train)
+    if cfg.backend == "numpy" and unsupported:
+        raise ValueError(f"backend 'numpy' cannot do: {', '.join(unsupported)}; use backend 'tfdata'")
+    if cfg.backend == "auto":
+        return "numpy" if fits_in_memory(cfg, info) and not unsupported else "tfdata"
+    return cfg.backend
+
+
+def _plan(global_batch, mesh, process_index, process_count, device_count, data_axis="data"):
+    if device_count is None and mesh is not None:
+        device_count = mesh.shape[data_axis] if data_axis in mesh.axis_names else mesh.devices.size
+    return sharding.make_host_plan(global_batch, process_index, process_count, device_count)
+
+
+def build_train_iterator(
+    cfg,
+    *,
+    global_batch: int,
+    mesh=None,
+    start_step: int = 0,
+    seed: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    device_count: int | None = None,
+) -> Iterator[dict]:
+    """Endless train batches from global step ``start_step`` on (exactly those an uninterrupted run yields).
+
+    Each item: {'image': float32 [b, H, W, C], 'label': int32 [b]} plus 'label_probs' float32 [b, K] when
+    mixing / smoothing / BCE targets are on; b = global_batch / process_count on the host, or global jax
+    Arrays sharded along the mesh's 'data' axis when ``mesh`` is given. ``seed`` defaults to cfg.seed.
+    """
+    plan = _plan(global_batch, mesh, process_index, process_count, device_count)
+    seed = cfg.seed if seed is None else seed
+    source = make_source(cfg, cfg.train_split)
+    info = source.info()
+    num_examples = cfg.num_train_examples or info.num_examples
+    mean, std = mean_std(cfg, info.image_shape[-1])
+    if resolve_backend(cfg, info, train=True) == "numpy":
+        batches = numpy_backend.train_batches(
+            source.load_arrays(), cfg, plan, num_examples, seed, start_step, mean, std
+        )
+    else:
+        transform = tfdata_backend.make_train_transform(cfg, info.image_shape[-1], _train_size(cfg, info), mean, std)
+        args = (cfg, plan, num_examples, seed, start_step, transform)
+        if fits_in_memory(cfg, info):
+            batches = tfdata_backend.in_memory_train_batches(source.load_arrays(), *args)
+        else:
+            batches = tfdata_backend.streaming_train_batches(source, *args)
+    if needs_label_probs(cfg):
+        batches = _mixed(batches, cfg, info.num_classes, seed, start_step, plan.process_index)
+    return _deliver(batches, cfg.prefetch, mesh)
+
+
+def _mixed(batches, cfg, num_classes, seed, start_step, process_index) -> Iterator[dict]:
+    for step, batch in enumerate(batches, start_step):
+        rng = np.random.default_rng([seed, MIX_SALT, step, process_index])
+        yield mix_batch(batch, cfg, num_classes, rng)
+
+
+def build_eval_iterator(
+    cfg,
+    *,
+    global_batch: int,
+    split: str | None = None,
+    mesh=None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    device_count: int | None = None,
+) -> Iterator[dict]:
+    """One pass over ``split`` (default cfg.eval_split): {'image', 'label', 'mask' float32 [b]}.
+
+    Every example is counted exactly once (sum of 'mask' over all hosts = split size) and every host runs
+    the same number of steps, ceil(largest host block / local batch); padded rows have mask 0.
+    """
+    plan = _plan(global_batch, mesh, process_index, process_count, device_count)
+    source = make_source(cfg, split or cfg.eval_split)
+    info = source.info()
+    mean, std = mean_std(cfg, info.image_shape[-1])
+    if resolve_backend(cfg, info, train=False) == "numpy":
+        batches = numpy_backend.eval_batches(source.load_arrays(), cfg, plan, mean, std)
+    else:
+        transform = tfdata_backend.make_eval_transform(cfg, info.image_shape[-1], _eval_size(cfg, info), mean, std)
+        if fits_in_memory(cfg, info):
+            batches = tfdata_backend.in_memory_eval_batches(source.load_arrays(), cfg, plan, transform)
+        else:
+            batches = tfdata_backend.streaming_eval_batches(source, cfg, plan, info.num_examples, transform)
+    return _deliver(batches, cfg.prefetch, mesh)
+
+
+def _deliver(batches: Iterator[dict], prefetch: int, mesh) -> Iterator[dict]:
+    convert = None if mesh is None else (lambda batch: sharding.to_global_batch(batch, mesh))
+    if prefetch <= 0:
+        return batches if convert is None else map(convert, batches)
+    return Prefetcher(batches, prefetch, convert)
+
+
+class Prefetcher:
+    """Runs an iterator (and an optional per-item transform, e.g. the host-to-device transfer) in a
+    background thread, ``size`` items ahead. Errors are re-raised in the consumer; ``close()`` stops it."""
+
+    _END = object()
+
+    def __init__(self, iterator: Iterator, size: int, transform: Callable | None = None):
+        self._iterator, self._transform = iterator, transform
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nfjax-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for item in self._iterator:
+                if not self._put(item if self._transform is None else self._transform(item)):
+                    return
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            self._put(error)
+            return
+        self._put(self._END)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if item is self._END:
+            self._queue.put(item)  # later next() calls keep raising StopIteration
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def __del__(self):
+        self._stop.set()

@@ -1,0 +1,44 @@
+"""Prepare a dataset into a TFDS data_dir, offline where possible.
+
+python -m nfjax.data.prepare fashion_mnist --data-dir ~/tensorflow_datasets [--source-dir DIR]
+python -m nfjax.data.prepare imagenet2012 --data-dir DIR   # tars in DIR/downloads/manual/
+python -m nfjax.data.prepare cifar10 --data-dir DIR        # needs network (TFDS download)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+
+from nfjax.data.fashion_mnist import DEBIAN_SOURCE_DIR, prepare_fashion_mnist
+from nfjax.data.tf_lazy import import_tfds
+
+
+def prepare_tfds(name: str, data_dir: str) -> str:
+    """Runs the TFDS builder; manual files (ImageNet tars) are read from data_dir/downloads/manual."""
+    tfds = import_tfds()
+    data_dir = os.path.expanduser(data_dir)
+    builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+    if not builder.is_prepared():
+        manual_dir = os.path.join(data_dir, "downloads", "manual")
+        config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+        builder.download_and_prepare(download_config=config)
+    return str(builder.data_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", help="TFDS name, e.g. fashion_mnist, imagenet2012, cifar10")
+    parser.add_argument("--data-dir", default="~/tensorflow_datasets")
+    parser.add_argument("--source-dir", default=DEBIAN_SOURCE_DIR, help="fashion_mnist: folder of IDX files")
+    args = parser.parse_args(argv)
+    if args.dataset == "fashion_mnist":
+        path = prepare_fashion_mnist(args.data_dir, args.source_dir)
+    else:
+        path = prepare_tfds(args.dataset, args.data_dir)
+    print(f"{args.dataset} ready in {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""tf.data path: decoding and per-image augmentation in TensorFlow's parallel map, for datasets that do not
+fit in memory (ImageNet) or need TF-only augmentations (random-resized crop, RandAugment).
+
+Two orderings, both functions of (seed, epoch) only:
+  in memory:  the NumPy path's global epoch order (exact, O(1) resume); tf.data only gathers and augments;
+  streaming:  each host reads its own contiguous block of the split; the epoch order is a seeded shuffle
+              buffer over that block; a resume skips the raw (still encoded) records of the partial epoch.
+Per-example augmentation seeds are [epoch seed, position in the epoch], so resumed and uninterrupted runs
+produce identical batches. The streaming skip costs reading (not decoding) up to one epoch of this host's
+records; the in-memory skip is free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from nfjax.data import augment, sharding
+from nfjax.data.randaugment import randaugment
+from nfjax.data.tf_lazy import import_tf
+
+
+def _options(cfg):
+    tf = import_tf()
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.max_intra_op_parallelism = 1  # parallelism comes from the map, not inside each op
+    if cfg.tf_threads > 0:
+        options.threading.private_threadpool_size = cfg.tf_threads
+    return options
+
+
+def _randaugment(image, seed, cfg, fill):
+    tf = import_tf()
+    image_u8 = tf.cast(tf.clip_by_value(image, 0.0, 255.0), tf.uint8)
+    out = randaugment(
+        image_u8,
+        seed,
+        num_layers=cfg.randaugment_layers,
+        magnitude=cfg.randaugment_magnitude,
+        variant=cfg.randaugment_variant,
+        magnitude_std=cfg.randaugment_magnitude_std,
+        prob=cfg.randaugment_prob,
+        fill=fill,
+    )
+    return tf.cast(out, tf.float32)
+
+
+def make_train_transform(cfg, channels: int, size: int, mean, std) -> Callable:
+    """(image bytes or uint8 [H, W, C], label, seed [2]) -> {'image': float32 [size, size, C'], 'label'}."""
+    tf = import_tf()
+    fill = tuple(int(round(255 * m)) for m in mean) if cfg.randaugment_variant == "timm" else (128,) * 3
+    fill = fill * 3 if len(fill) == 1 else fill
+
+    def transform(image, label, seed):
+        crop_seed, pad_seed, flip_seed, ra_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+        if cfg.random_resized_crop:
+            image = augment.random_resized_crop(image, size, crop_seed, channels)
+        else:
+            image = augment.resize_to(image, cfg.image_size, channels)
+        image = tf.ensure_shape(image, [size, size, channels])
+        if cfg.pad_crop > 0:
+            image = augment.pad_and_random_crop(image, cfg.pad_crop, pad_seed)
+        if cfg.flip:
+            image = augment.random_flip(image, flip_seed)
+        if cfg.randaugment_layers > 0:
+            image = _randaugment(image, ra_seed, cfg, fill)
+        return {"image": augment.normalize(image, mean, std, cfg.grayscale_to_rgb), "label": label}
+
+    return transform
+
+
+def make_eval_transform(cfg, channels: int, size: int | None, mean, std) -> Callable:
+    """(image, label, mask) -> {'image': float32 [S, S, C'], 'label', 'mask'}."""
+
+    def transform(image, label, mask):
+        image = augment.eval_preprocess(image, size, cfg.eval_preprocess, cfg.crop_pct, channels)
+        return {"image": augment.normalize(image, mean, std, cfg.grayscale_to_rgb), "label": label, "mask": mask}
+
+    return transform
+
+
+def _seed(epoch_seed: int, position):
+    tf = import_tf()
+    return tf.stack([tf.constant(epoch_seed, tf.int64), tf.cast(position, tf.int64)])
+
+
+def _finish(ds, cfg, local_batch: int) -> Iterator[dict]:
+    tf = import_tf()
+    ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds.with_options(_options(cfg)).as_numpy_iterator()
+
+
+def in_memory_train_batches(arrays, cfg, plan, num_examples, seed, start_step, transform) -> Iterator[dict]:
+    """Same example order as the NumPy path; augmentation in tf.data."""
+    tf = import_tf()
+    images, labels = tf.constant(arrays[0]), tf.constant(arrays[1])
+    per_epoch = sharding.steps_per_epoch(num_examples, plan.global_batch)
+    epoch, offset = divmod(start_step, per_epoch)
+    while True:
+        order = sharding.epoch_order(num_examples, seed, epoch, cfg.repeated_aug)
+        positions = sharding.host_step_slices(order, plan, offset, per_epoch - offset)
+        epoch_seed = sharding.derive_seed(seed, epoch, 1)
+        ds = tf.data.Dataset.from_tensor_slices((order[positions], positions))
+        ds = ds.map(
+            lambda i, pos, s=epoch_seed: transform(tf.gather(images, i), tf.gather(labels, i), _seed(s, pos)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+        yield from _finish(ds, cfg, plan.local_batch)
+        epoch, offset = epoch + 1, 0
+
+
+def streaming_train_batches(source, cfg, plan, num_examples, seed, start_step, transform) -> Iterator[dict]:
+    """Per-host block of the split, seeded shuffle per epoch, skip of raw records on resume.
+
+    One tf.data pipeline spans all epochs (flat_map over epoch numbers), so the parallel map never drains
+    at epoch boundaries; every epoch yields exactly steps_per_epoch * local_batch records, so batches never
+    straddle two epochs.
+    """
+    tf = import_tf()
+    start, end = sharding.train_host_range(num_examples, plan)
+    per_epoch = sharding.steps_per_epoch(num_examples, plan.global_batch)
+    first_epoch, offset = divmod(start_step, per_epoch)
+    host_seed = tf.constant(sharding.derive_seed(seed, plan.process_index), tf.int64)
+    records = source.tf_dataset(start, end)
+
+    def epoch_records(epoch):
+        """(augmentation seed [2], image, label) for one epoch, in its shuffled order."""
+        epoch_seed = tf.random.stateless_uniform(
+            [], tf.stack([host_seed, epoch]), minval=0, maxval=2**31 - 1, dtype=tf.int64
+        )
+        ds = records.shuffle(min(cfg.shuffle_buffer, end - start), seed=epoch_seed, reshuffle_each_iteration=False)
+        if cfg.repeated_aug > 1:
+            ds = ds.flat_map(lambda im, lab: tf.data.Dataset.from_tensors((im, lab)).repeat(cfg.repeated_aug))
+        ds = ds.take(per_epoch * plan.local_batch).enumerate()
+        return ds.map(lambda pos, rec: (tf.stack([epoch_seed, pos]), rec[0], rec[1]))
+
+    # Skipping before the map reads records of the partial epoch but decodes none of them.
+    first = epoch_records(tf.constant(first_epoch, tf.int64)).skip(offset * plan.local_batch)
+    later = tf.data.Dataset.range(first_epoch + 1, 2**62).flat_map(epoch_records)
+    ds = first.concatenate(later).map(
+        lambda s, image, label: transform(image, label, s), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    return _finish(ds, cfg, plan.local_batch)
+
+
+def in_memory_eval_batches(arrays, cfg, plan, transform) -> Iterator[dict]:
+    tf = import_tf()
+    images, labels = tf.constant(arrays[0]), tf.constant(arrays[1])
+    num_examples = len(arrays[1])
+    start, end = sharding.eval_host_range(num_examples, plan.process_index, plan.process_count)
+    total = sharding.eval_steps(num_examples, plan) * plan.local_batch
+    index = np.full(total, min(start, num_examples - 1), np.int64)
+    index[: end - start] = np.arange(start, end)
+    mask = (np.arange(total) < end - start).astype(np.float32)
+    ds = tf.data.Dataset.from_tensor_slices((index, mask))
+    ds = ds.map(lambda i, m: transform(tf.gather(images, i), tf.gather(labels, i), m), tf.data.AUTOTUNE)
+    return _finish(ds, cfg, plan.local_batch)
+
+
+def streaming_eval_batches(source, cfg, plan, num_examples, transform) -> Iterator[dict]:
+    """This host's block, then copies of one record with mask 0 up to the common step count."""
+    tf = import_tf()
+    start, end = sharding.eval_host_range(num_examples, plan.process_index, plan.process_count)
+    total = sharding.eval_steps(num_examples, plan) * plan.local_batch
+    real = source.tf_dataset(start, end).map(lambda im, lab: (im, lab, tf.constant(1.0)))
+    pad_start = min(start, num_examples - 1)
+    padding = source.tf_dataset(pad_start, pad_start + 1).map(lambda im, lab: (im, lab, tf.constant(0.0)))
+    ds = real.concatenate(padding.repeat()).take(total)
+    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
+    return _finish(ds, cfg, plan.local_batch)
