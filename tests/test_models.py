@@ -10,8 +10,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nfjax.models import create_model, list_models, model_metadata
-from nfjax.models.layers import avg_pool_2x2
 from nfjax.models.__main__ import main as models_cli
+from nfjax.models.layers import avg_pool_2x2
 from nfjax.models.summary import abstract_model, count_macs, count_params, xla_flops_per_image
 
 TINY_NFNET = dict(widths=(32, 64, 96, 96), depths=(1, 2, 1, 1), group_size=16, stem_widths=(8, 8, 16))

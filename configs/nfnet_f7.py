@@ -1,0 +1,14 @@
+"""NFNet-F7 on ImageNet, DeepMind's recipe (batch 4096, 360 epochs, SGD-Nesterov + AGC 0.01, EMA).
+
+    python -m nfjax.train --config configs/nfnet_f7.py --workdir runs/nfnet_f7
+
+Expected: ImageNet top-1 not reported (paper, EMA weights at test resolution). Needs TFDS imagenet2012 prepared in
+data_dir (see docs/data.md); another dataset: --config configs/nfnet_f7.py:dataset=cifar10,data_dir=DIR.
+Arguments: dataset, data_dir, batch (0: 4096), epochs (0: 360).
+"""
+
+from nfjax.config_lib import nfnet_imagenet_config
+
+
+def get_config(arg=None):
+    return nfnet_imagenet_config("F7", arg)

@@ -1,0 +1,13 @@
+"""BN ResNet-50 baseline, the classic recipe: 90 epochs SGD momentum 0.9, lr 0.1 per 256, wd 1e-4, steps.
+
+    python -m nfjax.train --config configs/resnet50_bn.py --workdir runs/resnet50_bn
+
+Expected: about 76.1% ImageNet top-1 (torchvision's figure for this recipe; not yet reproduced by us).
+Arguments: dataset, data_dir, batch (0: 256), epochs (0: 90).
+"""
+
+from nfjax.config_lib import resnet50_bn_imagenet_config
+
+
+def get_config(arg=None):
+    return resnet50_bn_imagenet_config(arg)

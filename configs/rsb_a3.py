@@ -1,0 +1,12 @@
+"""ResNet strikes back A3: BN ResNet-50, LAMB, BCE loss, 100 epochs at batch 2048 (Wightman et al. 2021).
+
+    python -m nfjax.train --config configs/rsb_a3.py --workdir runs/rsb_a3
+
+Expected: 78.1% ImageNet top-1 (paper, 224 px test, crop 0.95). Arguments: dataset, data_dir, batch, epochs.
+"""
+
+from nfjax.config_lib import rsb_config
+
+
+def get_config(arg=None):
+    return rsb_config("a3", arg)

@@ -1,0 +1,153 @@
+"""The jitted train and eval steps: pure functions over a plain-pytree train state.
+
+State (a dict of pure pytrees, so orbax, shardings and donation see ordinary arrays):
+  step         int32 []            optimizer steps applied
+  params       nested dict          nnx.Param values (float32)
+  batch_stats  nested dict          nnx.BatchStat values (BN running statistics; empty for NF models)
+  opt_state    optax state
+  ema          nested dict | None   float32 EMA of params (DeepMind schedule)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from nfjax import optim
+
+
+def apply_model(graphdef, params, batch_stats, images, *, train: bool, key=None):
+    """Runs the model from pure dicts; returns (logits float32, new batch_stats)."""
+    model = nnx.merge(graphdef, params, batch_stats)
+    logits = model(images, train=train, key=key)
+    new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)) if batch_stats else batch_stats
+    return logits, new_stats
+
+
+def _targets(batch: dict) -> jax.Array:
+    return batch["label_probs"] if "label_probs" in batch else batch["label"]
+
+
+def _tree_norm(tree) -> jax.Array:
+    return optax.global_norm(tree)
+
+
+def agc_clip_fraction(grads, params, cfg) -> jax.Array:
+    """Fraction of clipped parameters: those whose unit's gradient norm exceeds lambda * max(|p|_u, eps)."""
+    if cfg.clipping != "agc":
+        return jnp.zeros((), jnp.float32)
+    mask = optim.clip_mask(tuple(cfg.clip_exclude))(params)
+
+    def clipped(g, p, m):
+        if not m:
+            return jnp.zeros((), jnp.float32), 0
+        limit = cfg.agc_lambda * jnp.maximum(optim.unitwise_norm(p), cfg.agc_eps)
+        return jnp.sum((optim.unitwise_norm(g) > limit).astype(jnp.float32)), g.size
+
+    pairs = jax.tree.leaves(jax.tree.map(clipped, grads, params, mask), is_leaf=lambda x: isinstance(x, tuple))
+    total = sum(n for _, n in pairs)
+    return sum(c for c, _ in pairs) / max(total, 1)
+
+
+def _largest_grad_index(grads) -> jax.Array:
+    """Index (in tree-leaf order) of the parameter with the largest gradient norm; NaN/inf counts as largest."""
+    norms = jnp.stack([jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)))) for g in jax.tree.leaves(grads)])
+    return jnp.argmax(jnp.where(jnp.isfinite(norms), norms, jnp.inf))
+
+
+def make_train_step(
+    graphdef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    optim_cfg,
+    *,
+    seed: int,
+    mesh=None,
+) -> Callable[[dict, dict], tuple[dict, dict]]:
+    """Builds ``step(state, batch) -> (state, metrics)`` (not yet jitted).
+
+    RNG: ``fold_in(key(seed), step)``; stochastic depth and dropout draw one mask per example, so every device
+    and every step sees different masks. A non-finite loss leaves the state untouched (and is reported in
+    ``metrics['finite']``) so the last good state and checkpoint survive.
+    """
+
+    def grad_fn(params, batch, key, batch_stats):
+        def loss(params):
+            logits, new_stats = apply_model(graphdef, params, batch_stats, batch["image"], train=True, key=key)
+            per_example = loss_fn(logits, _targets(batch))
+            top1 = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
+            return jnp.mean(per_example), (new_stats, top1)
+
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    def compute_grads(state, batch, key):
+        fn = lambda p, b, k: grad_fn(p, b, k, state.get("batch_stats", {}))
+        if optim_cfg.sam_rho > 0:
+            return optim.sam_grads(
+                fn, state["params"], batch, rho=optim_cfg.sam_rho, fraction=optim_cfg.sam_fraction, mesh=mesh, rng=key
+            )
+        return optim.accumulated_grads(fn, state["params"], batch, optim_cfg.accum_steps, rng=key)
+
+    def step(state, batch):
+        key = jax.random.fold_in(jax.random.key(seed), state["step"])
+        (loss, (new_stats, top1)), grads = compute_grads(state, batch, key)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+        if "batch_stats" in state:
+            new_state["batch_stats"] = new_stats
+        if "ema" in state:
+            new_state["ema"] = optim.update_ema(state["ema"], params, state["step"], optim_cfg.ema_decay)
+        finite = jnp.isfinite(loss)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        metrics = dict(
+            loss=loss,
+            top1=top1,
+            lr=schedule(state["step"]),
+            finite=finite,
+            grad_norm=_tree_norm(grads),
+            param_norm=_tree_norm(params),
+            update_norm=_tree_norm(updates),
+            agc_clip_fraction=agc_clip_fraction(grads, state["params"], optim_cfg),
+            largest_grad_param=_largest_grad_index(grads),
+        )
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(graphdef, loss_fn) -> Callable[[dict, dict, dict], dict]:
+    """``eval_step(params, batch_stats, batch) -> sums``: masked sums over the global batch.
+
+    Returns count (real examples), top1/top5 correct counts and the summed loss, so metrics are exact
+    example-weighted means however the last batch is padded.
+    """
+
+    def eval_step(params, batch_stats, batch):
+        logits, _ = apply_model(graphdef, params, batch_stats, batch["image"], train=False)
+        mask = batch.get("mask", jnp.ones(logits.shape[:1], jnp.float32))
+        labels = batch["label"]
+        k = min(5, logits.shape[-1])
+        topk = jax.lax.top_k(logits, k)[1]
+        correct5 = jnp.any(topk == labels[:, None], axis=-1)
+        correct1 = topk[:, 0] == labels
+        per_example = loss_fn(logits, labels)
+        return dict(
+            count=jnp.sum(mask),
+            top1=jnp.sum(correct1 * mask),
+            top5=jnp.sum(correct5 * mask),
+            loss=jnp.sum(per_example * mask),
+        )
+
+    return eval_step
+
+
+def leaf_paths(tree: Any) -> list[str]:
+    """'/'-joined paths of the leaves of ``tree``, in ``jax.tree.leaves`` order."""
+    return ["/".join(str(p) for p in optim.param_path(kp)) for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
