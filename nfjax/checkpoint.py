@@ -20,10 +20,10 @@ class CheckpointMismatchError(ValueError):
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = True, create: bool = True):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=create
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -49,10 +49,18 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
-        )
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+            )
+        except ValueError as e:  # orbax: the stored tree differs from the target (several lines of diff)
+            raise CheckpointMismatchError(
+                f"the checkpoint at step {step} in {self.directory} does not fit this run's train state "
+                f"({str(e).splitlines()[0].rstrip(':')}): optimizer or EMA settings (optim.name, optim.clipping, "
+                "optim.ema_decay, ...) differ from the run that wrote it. Nothing was changed. Resume with the "
+                "settings the checkpoint was written with, or use a new --workdir."
+            ) from None
         return restored["state"], restored["meta"]
 
     def wait(self) -> None:

@@ -123,25 +123,34 @@ def parse_args(prog: str, argv: list[str]) -> tuple[ml_collections.ConfigDict, s
     return cfg, workdir, print_config
 
 
-def run_cli(prog: str, argv: list[str] | None, fn: Callable[[ml_collections.ConfigDict, str], Any]) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def run_guarded(fn: Callable[[], Any]) -> tuple[int, Any]:
+    """(exit code, result) of ``fn()``: a user error prints one paragraph to stderr and gives 2, not a traceback."""
     try:
-        cfg, workdir, print_config = parse_args(prog, argv)
-        if print_config:
-            print(cfg)
-            return 0
-        if not workdir:
-            raise UsageError("--workdir is required: the folder for checkpoints, metrics and logs")
-        result = fn(cfg, os.path.abspath(os.path.expanduser(workdir)))
+        return 0, fn()
     except USER_ERRORS as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {message}", file=sys.stderr)
-        return 2
+        return 2, None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return 130, None
+
+
+def run_cli(prog: str, argv: list[str] | None, fn: Callable[[ml_collections.ConfigDict, str], Any]) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+
+    def run():
+        cfg, workdir, print_config = parse_args(prog, argv)
+        if print_config:
+            print(cfg)
+            return None
+        if not workdir:
+            raise UsageError("--workdir is required: the folder for checkpoints, metrics and logs")
+        return fn(cfg, os.path.abspath(os.path.expanduser(workdir)))
+
+    code, result = run_guarded(run)
     if result:
         import json
 
         print(json.dumps(result, indent=2))
-    return 0
+    return code

@@ -57,8 +57,12 @@ def make_model_fn(cfg, info):
     return lambda rngs: create_model(cfg.model.name, info.num_classes, info.image_shape[-1], rngs=rngs, **kwargs)
 
 
-def create_train_state(make_model, tx, mesh, seed: int, use_ema: bool):
-    """Returns (graphdef, state, shardings); the state is built by a jitted init straight into its shardings."""
+def train_state_spec(make_model, tx, mesh, use_ema: bool):
+    """Returns (graphdef, init, abstract_state, shardings) without computing anything.
+
+    ``init(key)`` builds the state (step, params, opt_state, batch_stats if any, ema if ``use_ema``);
+    ``abstract_state`` holds its ShapeDtypeStructs, the restore target together with ``shardings``.
+    """
     graphdef = nnx.split(nnx.eval_shape(lambda: make_model(nnx.Rngs(0))))[0]
 
     def init(key):
@@ -72,11 +76,24 @@ def create_train_state(make_model, tx, mesh, seed: int, use_ema: bool):
             state["ema"] = optim.init_ema(params)
         return state
 
-    key = jax.random.key(seed)
-    abstract = jax.eval_shape(init, key)
-    shardings = parallel.param_sharding(mesh, abstract)
-    state = jax.jit(init, out_shardings=shardings)(key)
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    return graphdef, init, abstract, parallel.param_sharding(mesh, abstract)
+
+
+def create_train_state(make_model, tx, mesh, seed: int, use_ema: bool):
+    """Returns (graphdef, state, shardings); the state is built by a jitted init straight into its shardings."""
+    graphdef, init, _, shardings = train_state_spec(make_model, tx, mesh, use_ema)
+    state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
     return graphdef, state, shardings
+
+
+def build_optimizer_for(cfg, info):
+    """(tx, schedule, steps_per_epoch, total_steps, eval_every) of a run, as training builds them."""
+    spe, total_steps, eval_every = _schedule_lengths(cfg, info)
+    tx, schedule = optim.build_optimizer(
+        cfg.optim, steps_per_epoch=spe, total_steps=total_steps, global_batch=cfg.train.global_batch
+    )
+    return tx, schedule, spe, total_steps, eval_every
 
 
 def _schedule_lengths(cfg, info) -> tuple[int, int, int]:
@@ -122,16 +139,32 @@ class _Preemption:
 
     def __init__(self):
         self.requested = False
+        self._previous = None
         try:
-            signal.signal(signal.SIGTERM, self._handle)
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread (e.g. tests): no handler
             pass
 
     def _handle(self, signum, frame):
         self.requested = True
 
+    def close(self) -> None:
+        """Gives SIGTERM back to the handler that was there before (in-process callers keep theirs)."""
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
-def _prepare_data(cfg, progress: Progress) -> None:
+    def agreed(self) -> bool:
+        """True on every process once any process got SIGTERM, so that all of them save the same step
+        (orbax saves are collective) and stop together; one process alone would leave the others hanging."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+
+
+def prepare_data(cfg) -> None:
     """Fashion-MNIST is prepared once from the Debian package files into the TFDS data_dir (offline)."""
     if cfg.data.dataset == "fashion_mnist":
         data_lib.prepare_fashion_mnist(os.path.expanduser(cfg.data.data_dir))
@@ -139,23 +172,22 @@ def _prepare_data(cfg, progress: Progress) -> None:
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming from the newest checkpoint in ``workdir``) and returns the final eval metrics."""
-    progress_log = Progress(0, enabled=False)
     parallel.initialize_distributed(**cfg.distributed.to_dict())
-    _prepare_data(cfg, progress_log)
+    prepare_data(cfg)
     info = data_lib.dataset_info(cfg.data)
     make_model = make_model_fn(cfg, info)
     mesh = parallel.make_mesh(cfg.train.num_devices or None)
     data_lib.check_global_batch(cfg.train.global_batch, jax.process_count(), mesh.devices.size)
-    spe, total_steps, eval_every = _schedule_lengths(cfg, info)
-    tx, schedule = optim.build_optimizer(
-        cfg.optim, steps_per_epoch=spe, total_steps=total_steps, global_batch=cfg.train.global_batch
-    )
+    tx, schedule, spe, total_steps, eval_every = build_optimizer_for(cfg, info)
     spec = model_spec(cfg, info) | dict(dataset=cfg.data.dataset, global_batch=cfg.train.global_batch)
     ckpt = Checkpointer(workdir, cfg.train.keep_checkpoints, cfg.train.async_checkpoints)
     check_compatible(ckpt.read_meta(), spec, workdir)  # before anything is built or written
-    graphdef, state, shardings = create_train_state(make_model, tx, mesh, cfg.train.seed, cfg.optim.ema_decay > 0)
-    if ckpt.latest_step() is not None:
-        state, _ = ckpt.restore(abstract_like(state, shardings))
+    use_ema = cfg.optim.ema_decay > 0
+    if ckpt.latest_step() is not None:  # resume: restore straight into the shardings, no init needed
+        graphdef, _, abstract, shardings = train_state_spec(make_model, tx, mesh, use_ema)
+        state, _ = ckpt.restore(abstract_like(abstract, shardings))
+    else:
+        graphdef, state, _ = create_train_state(make_model, tx, mesh, cfg.train.seed, use_ema)
     _save_config(cfg, workdir)
     loss_fn = make_loss_fn(cfg.train.loss, bce_threshold=None, focal_gamma=cfg.train.focal_gamma)
     step_fn = jax.jit(
@@ -181,11 +213,12 @@ def _loop(cfg, workdir, state, step_fn, eval_fn, ckpt, spec, mesh, info, total_s
             state, metrics = step_fn(state, next(batches))
             metrics = jax.device_get(metrics)
             if not metrics["finite"]:
-                raise TrainingError(
-                    f"non-finite loss ({metrics['loss']}) at step {step}; the parameter with the largest gradient "
-                    f"norm is {paths[int(metrics['largest_grad_param'])]}. The update was not applied and no "
-                    f"checkpoint was written after step {ckpt.latest_step()}; lower the learning rate or enable "
-                    "AGC (optim.clipping=agc) and rerun."
+                advice = "lower optim.agc_lambda" if cfg.optim.clipping == "agc" else "enable AGC (optim.clipping=agc)"
+                raise TrainingError(  # steps are numbered as in the logs: step k is the k-th update
+                    f"non-finite loss ({metrics['loss']}) at step {step + 1}; the parameter with the largest "
+                    f"gradient norm is {paths[int(metrics['largest_grad_param'])]}. The update was not applied and "
+                    f"no checkpoint was written after step {ckpt.latest_step()}; lower the learning rate "
+                    f"(optim.base_lr) or {advice}, and rerun."
                 )
             interval.append(metrics)
             done = step + 1
@@ -195,13 +228,15 @@ def _loop(cfg, workdir, state, step_fn, eval_fn, ckpt, spec, mesh, info, total_s
                 interval, t0 = [], time.time()
             if done % eval_every == 0 or done == total_steps:
                 final = _evaluate_all(cfg, eval_fn, state, mesh, info, writer, done, progress)
-            if done % cfg.train.checkpoint_every_steps == 0 or done == end or preempt.requested:
+            stop = preempt.agreed()
+            if done % cfg.train.checkpoint_every_steps == 0 or done == end or stop:
                 ckpt.save(done, state, spec)
-            if preempt.requested:
+            if stop:
                 progress.write(f"SIGTERM: saved a checkpoint at step {done}; rerun the same command to resume")
                 break
         ckpt.wait()
     finally:
+        preempt.close()
         progress.close()
         writer.close()
         ckpt.close()

@@ -11,13 +11,6 @@ from nfjax import data
 from nfjax.data import sharding
 
 
-@pytest.fixture(scope="session")
-def fmnist_dir(tmp_path_factory):
-    data_dir = tmp_path_factory.getbasetemp() / "tfds"  # shared with test_data_sources: prepared once
-    data.prepare_fashion_mnist(str(data_dir))
-    return str(data_dir)
-
-
 def _cfg(fmnist_dir, backend="numpy", num_train=640, **overrides):
     cfg = data.fashion_mnist_data_config(fmnist_dir)
     cfg.backend, cfg.num_train_examples = backend, num_train

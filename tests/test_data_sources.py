@@ -12,14 +12,6 @@ from nfjax import data
 from nfjax.data.sources import ImageFolderSource
 
 
-@pytest.fixture(scope="session")
-def fmnist_dir(tmp_path_factory):
-    """Fashion-MNIST prepared once per session (every test module uses this same folder)."""
-    data_dir = tmp_path_factory.getbasetemp() / "tfds"
-    data.prepare_fashion_mnist(str(data_dir))
-    return str(data_dir)
-
-
 def test_fashion_mnist_offline_official_split(fmnist_dir):
     from nfjax.data.tf_lazy import import_tfds
 

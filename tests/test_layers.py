@@ -142,3 +142,11 @@ def test_ghost_batchnorm_normalizes_each_group_separately():
     assert np.abs(whole[:4].mean()) > 0.5  # global statistics mix the two groups
     with pytest.raises(ValueError, match="ghost_batch_size"):
         L.BatchNorm(2, ghost_batch_size=3)(x, train=True)
+
+
+@pytest.mark.parametrize("pool", [L.avg_pool_2x2, L.max_pool_3x3_s2])
+def test_pools_are_differentiable_under_jit(pool):
+    # A traced reduce_window init value makes the window reduction non-differentiable under jit.
+    x = jax.random.normal(jax.random.key(0), (2, 7, 7, 4))
+    grad = lambda x: jax.grad(lambda x: jnp.sum(pool(x) ** 2))(x)
+    chex.assert_trees_all_close(jax.jit(grad)(x), grad(x), rtol=1e-6)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import sys
 from collections.abc import Sequence
 
 from nfjax.data.fashion_mnist import DEBIAN_SOURCE_DIR, prepare_fashion_mnist
@@ -27,18 +29,27 @@ def prepare_tfds(name: str, data_dir: str) -> str:
     return str(builder.data_dir)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", help="TFDS name, e.g. fashion_mnist, imagenet2012, cifar10")
     parser.add_argument("--data-dir", default="~/tensorflow_datasets")
     parser.add_argument("--source-dir", default=DEBIAN_SOURCE_DIR, help="fashion_mnist: folder of IDX files")
     args = parser.parse_args(argv)
-    if args.dataset == "fashion_mnist":
-        path = prepare_fashion_mnist(args.data_dir, args.source_dir)
-    else:
-        path = prepare_tfds(args.dataset, args.data_dir)
+    try:
+        if args.dataset == "fashion_mnist":
+            path = prepare_fashion_mnist(args.data_dir, args.source_dir)
+        else:
+            path = prepare_tfds(args.dataset, args.data_dir)
+    except (AssertionError, OSError, ValueError) as e:  # TFDS reports a missing/empty manual_dir by assertion
+        reason = " ".join(str(e).split())
+        if type(e).__name__ == "DatasetNotFoundError":  # TFDS appends its whole catalog: keep its suggestion only
+            close = re.search(r"Did you mean: \S+ -> (\S+)", reason)
+            reason = f"no TFDS dataset is named '{args.dataset}'" + (f"; did you mean '{close[1]}'?" if close else "")
+        print(f"error: could not prepare '{args.dataset}' in {args.data_dir}: {reason}", file=sys.stderr)
+        return 2
     print(f"{args.dataset} ready in {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -24,7 +24,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 PREPARE_COMMAND = "python -m nfjax.data.prepare {name} --data-dir {data_dir}"
 IMAGENET_STEPS = (
     "ImageNet cannot be downloaded automatically. Get ILSVRC2012_img_train.tar and "
-    "ILSVRC2012_img_val.tar from image-net.org, put them in {data_dir}/downloads/manual/, then run: "
+    "ILSVRC2012_img_val.tar from image-net.org, put them in {data_dir}/downloads/manual/. "
 )
 
 

@@ -395,10 +395,12 @@ def channel_stats(x: jax.Array) -> dict[str, jax.Array]:
 
 def avg_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 stride-2 average pool with SAME padding that averages only real pixels (Haiku's avg_pool)."""
-    window = (1, 2, 2, 1)
-    summed = jax.lax.reduce_window(x, jnp.zeros((), x.dtype), jax.lax.add, window, window, "SAME")
-    ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
-    counts = jax.lax.reduce_window(ones, jnp.zeros((), x.dtype), jax.lax.add, window, window, "SAME")
+    # Init values are NumPy constants: a traced init (jnp under jit) makes reduce_window a generic reduction
+    # that JAX cannot differentiate; a concrete one selects the differentiable sum/max window primitives.
+    window, zero = (1, 2, 2, 1), np.zeros((), x.dtype)
+    summed = jax.lax.reduce_window(x, zero, jax.lax.add, window, window, "SAME")
+    ones = np.ones((1,) + x.shape[1:3] + (1,), x.dtype)
+    counts = jax.lax.reduce_window(ones, zero, jax.lax.add, window, window, "SAME")
     return summed / counts
 
 
@@ -406,7 +408,7 @@ def max_pool_3x3_s2(x: jax.Array, padding: Padding = "SAME") -> jax.Array:
     """3x3 stride-2 max pool. ``padding`` 'SAME' (Haiku/TF) or ((1, 1), (1, 1)) (torchvision)."""
     if not isinstance(padding, str):
         padding = ((0, 0),) + tuple(tuple(p) for p in padding) + ((0, 0),)
-    init = jnp.array(-jnp.inf, x.dtype)
+    init = np.array(-np.inf, x.dtype)  # concrete, see avg_pool_2x2
     return jax.lax.reduce_window(x, init, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), padding)
 
 

@@ -1,0 +1,112 @@
+"""Top-k predictions for image files: ``python -m nfjax.predict --workdir DIR IMAGE... [--top-k 5]``.
+
+Restores the newest checkpoint of the run in DIR (its EMA weights when the run keeps them), preprocesses each
+image as the run's evaluation pipeline does (channels converted to the dataset's, the eval resize/center crop,
+the pipeline's mean/std normalization) and prints, per image, the top-k class names with probabilities:
+
+    shoe.png
+      0.9123  Ankle boot
+      0.0411  Sneaker
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import numpy as np
+
+from nfjax import parallel
+from nfjax.cli import run_guarded
+from nfjax.data import augment
+from nfjax.data.config import mean_std
+from nfjax.data.pipeline import batch_image_shape
+from nfjax.data.sources import make_source
+from nfjax.data.tf_lazy import import_tf
+from nfjax.evaluate import restore_run
+from nfjax.steps import apply_model
+from nfjax.train import load_config
+
+
+class ImageReadError(ValueError):
+    """An input file that PIL cannot open as an image."""
+
+
+def read_image(path: str, channels: int) -> np.ndarray:
+    """uint8 [H, W, channels] (grayscale for 1 channel, RGB for 3) of an image file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+    except OSError as e:  # missing file, permission, or not an image (PIL's UnidentifiedImageError)
+        reason = e.strerror or str(e)
+        raise ImageReadError(f"cannot read {path} as an image ({reason}); give PNG or JPEG files") from None
+    return array[..., None] if array.ndim == 2 else array
+
+
+def preprocess(images: list[np.ndarray], data_cfg) -> np.ndarray:
+    """uint8 [H, W, C] images -> float32 [N, S, S, C'] exactly as the eval pipeline prepares its batches."""
+    info = make_source(data_cfg, data_cfg.eval_split).info()
+    channels = info.image_shape[-1]
+    size = batch_image_shape(data_cfg, info, train=False)[0]
+    mean, std = mean_std(data_cfg, channels)
+    tf = import_tf()
+    out = []
+    for image in images:
+        x = augment.eval_preprocess(tf.constant(image), size, data_cfg.eval_preprocess, data_cfg.crop_pct, channels)
+        out.append(augment.normalize(x, mean, std, data_cfg.grayscale_to_rgb).numpy())
+    return np.stack(out)
+
+
+def predict(workdir: str, paths: list[str], top_k: int = 5) -> list[list[tuple[str, float]]]:
+    """Per image, the ``top_k`` (class name, probability) pairs, most likely first."""
+    if top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {top_k}")
+    data_cfg = load_config(os.path.abspath(os.path.expanduser(workdir))).data
+    channels = make_source(data_cfg, data_cfg.eval_split).info().image_shape[-1]
+    images = [read_image(p, channels) for p in paths]  # unreadable files fail before the model is loaded
+    run = restore_run(workdir, num_devices=1)  # any number of images: no batch split over devices
+    batch = preprocess(images, run.cfg.data)
+    weights = run.state.get("ema", run.state["params"])
+    logits, _ = jax.jit(lambda p, s, x: apply_model(run.graphdef, p, s, x, train=False))(
+        weights, run.state.get("batch_stats", {}), batch
+    )
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    k = min(top_k, probs.shape[-1])
+    names = run.info.class_names
+    return [[(names[i], float(row[i])) for i in np.argsort(-row)[:k]] for row in probs]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m nfjax.predict", description="Top-k class predictions of a trained run for image files."
+    )
+    parser.add_argument("--workdir", required=True, help="the --workdir of a training run")
+    parser.add_argument("--top-k", type=int, default=5, help="classes to print per image (default 5)")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # argparse has printed usage and the problem
+        return int(e.code or 0)
+
+    def run():
+        parallel.initialize_distributed()
+        return predict(args.workdir, args.images, args.top_k)
+
+    code, results = run_guarded(run)
+    for path, top in zip(args.images, results or [], strict=False):
+        print(path)
+        for name, prob in top:
+            print(f"  {prob:.4f}  {name}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
