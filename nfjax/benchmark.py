@@ -5,6 +5,8 @@ data   images/s (and per CPU core) of the training input pipeline, e.g.
        python -m nfjax.benchmark data --dataset fashion_mnist --data-dir DIR --preset small
        With synthetic_jpeg (or --compare-plain on an image folder) the same files also go through a plain
        tf.data decode -> crop -> flip -> resize loop, and the ratio of the two rates is reported.
+train  training-step time, images/s and GFLOP/s of a model (see nfjax/benchmark_train.py), e.g.
+       python -m nfjax.benchmark train --model nfnet_f0 --image-size 192 --batch 8 --compare timm
 """
 
 from __future__ import annotations
@@ -188,14 +190,18 @@ def add_data_parser(subparsers) -> None:
     parser.set_defaults(run=benchmark_data)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None):
+    """Parses ``argv`` and runs the chosen benchmark; returns its result."""
+    from nfjax.benchmark_train import add_train_parser
+
     parser = argparse.ArgumentParser(
         prog="python -m nfjax.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     subparsers = parser.add_subparsers(dest="benchmark", required=True)
     add_data_parser(subparsers)
+    add_train_parser(subparsers)
     args = parser.parse_args(argv)
-    args.run(args)
+    return args.run(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,292 @@
+"""Training-step throughput: ``python -m nfjax.benchmark train --model nfnet_f0 --image-size 192 --batch 8``.
+
+Times the full jitted train step of :mod:`nfjax.train` (forward, backward, AGC -> weight decay -> SGD-Nesterov,
+donated state) on random data, and with ``--compare timm`` the same step in PyTorch/timm on the same shapes:
+forward, cross-entropy, backward, timm's AGC on every parameter but the classifier, SGD-Nesterov with weight
+decay on matrices only. Reported per implementation: compile time (PyTorch: its first step), median step
+time over ``--steps`` steps after ``--warmup``, images/s and achieved GFLOP/s, where one training step counts
+as 3x the forward multiply-adds (``nfjax.models.summary.count_macs``) x 2 FLOPs. The parameter EMA is off:
+it is not part of the PyTorch step either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import re
+import statistics
+import sys
+import time
+
+from nfjax.benchmark import cpu_cores
+
+TORCH_INSTALL_HINT = (
+    "pip install torch==2.13.0 timm  (pins the CPU build; a plain `pip install torch` pulls a multi-GB CUDA build)"
+)
+PROGRESS_AFTER_S = 1.0  # a step at least this long gets its own progress line on stderr
+
+
+def timm_name(name: str) -> str | None:
+    """The timm model with the same architecture as the nfjax model ``name``, or None."""
+    if re.fullmatch(r"nfnet_f\d", name):
+        return f"dm_{name}"  # timm's DeepMind-compatible NFNet (nfjax's 'plus' variants have no timm twin)
+    if re.fullmatch(r"(nf_)?(se)?resnet\d+", name):
+        return name
+    return None
+
+
+def model_overrides(name: str, dtype: str, grouped_impl: str) -> dict:
+    """Constructor overrides for the benchmark: compute dtype, and grouped_impl where the model takes it."""
+    import jax.numpy as jnp
+
+    from nfjax.models import MODELS
+
+    overrides = {"dtype": jnp.bfloat16} if dtype == "bfloat16" else {}
+    if "grouped_impl" in inspect.signature(MODELS[name][0].__init__).parameters:
+        overrides["grouped_impl"] = grouped_impl
+    return overrides
+
+
+def build_jax_step(name: str, image_size: int, batch: int, overrides: dict):
+    """Returns (jitted step, state, batch) for one device: the train step exactly as ``nfjax.train`` builds it."""
+    import jax
+    import numpy as np
+
+    from nfjax import optim, parallel
+    from nfjax.losses import make_loss_fn
+    from nfjax.models import create_model
+    from nfjax.steps import make_train_step
+    from nfjax.train import create_train_state
+
+    make_model = lambda rngs: create_model(name, num_classes=1000, rngs=rngs, **overrides)
+    cfg = optim.default_optim_config()
+    cfg.ema_decay = 0.0
+    tx, schedule = optim.build_optimizer(cfg, steps_per_epoch=100, total_steps=1000, global_batch=batch)
+    mesh = parallel.make_mesh(1)
+    graphdef, state, _ = create_train_state(make_model, tx, mesh, seed=0, use_ema=False)
+    loss_fn = make_loss_fn("softmax_xent")
+    step = jax.jit(make_train_step(graphdef, tx, schedule, loss_fn, cfg, seed=0, mesh=mesh), donate_argnums=0)
+    rng = np.random.default_rng(0)
+    data = dict(
+        image=rng.standard_normal((batch, image_size, image_size, 3), np.float32),
+        label=rng.integers(0, 1000, batch).astype(np.int32),
+    )
+    return step, state, jax.device_put(data, parallel.batch_sharding(mesh))
+
+
+def _progress(label: str, index: int, args, seconds: float) -> None:
+    if seconds >= PROGRESS_AFTER_S:
+        phase = "warm-up" if index < args.warmup else f"timed {index - args.warmup + 1}/{args.steps}"
+        print(f"  {label} step {index + 1}/{args.warmup + args.steps} ({phase}): {seconds:.2f} s", file=sys.stderr)
+
+
+def time_steps(run_step, args, label: str) -> dict:
+    """Runs ``warmup + steps`` steps; returns the timed steps' wall-clock and process CPU seconds (all threads;
+    less sensitive to other programs sharing the machine) and the loss of the last step."""
+    times, cpu_times, loss = [], [], float("nan")
+    for index in range(args.warmup + args.steps):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        loss = run_step()
+        seconds = time.perf_counter() - start
+        _progress(label, index, args, seconds)
+        if index >= args.warmup:
+            times.append(seconds)
+            cpu_times.append(time.process_time() - cpu_start)
+    return dict(step_times_s=times, step_cpu_s=statistics.median(cpu_times), loss=loss)
+
+
+def time_jax(args, overrides: dict) -> dict:
+    import jax
+
+    start = time.perf_counter()
+    step, state, batch = build_jax_step(args.model, args.image_size, args.batch, overrides)
+    init_s = time.perf_counter() - start
+    print(f"  nfjax: compiling the train step of {args.model} ...", file=sys.stderr)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    holder = {"state": state}
+
+    def run_step() -> float:
+        holder["state"], metrics = compiled(holder["state"], batch)
+        jax.block_until_ready((holder["state"], metrics))
+        return float(metrics["loss"])
+
+    return dict(impl="nfjax", init_s=init_s, compile_s=compile_s, **time_steps(run_step, args, "nfjax"))
+
+
+def time_timm(args, name: str) -> dict:
+    """The same training step in eager PyTorch: timm model, cross-entropy, AGC, SGD-Nesterov."""
+    import torch
+    import torch.nn.functional as F
+
+    timm = import_timm()
+    adaptive_clip_grad = timm.utils.adaptive_clip_grad
+    torch.set_num_threads(cpu_cores())
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=1000).train()
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size)
+    if args.channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (args.batch,))
+    head = {id(p) for p in model.get_classifier().parameters()}
+    clipped = [p for p in model.parameters() if id(p) not in head]
+    groups = [
+        dict(params=[p for p in model.parameters() if p.ndim >= 2], weight_decay=2e-5),
+        dict(params=[p for p in model.parameters() if p.ndim < 2], weight_decay=0.0),
+    ]
+    opt = torch.optim.SGD(groups, lr=0.1 * args.batch / 256, momentum=0.9, nesterov=True)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+    def run_step() -> float:
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        adaptive_clip_grad(clipped, clip_factor=0.01, eps=1e-3)
+        opt.step()
+        return float(loss)
+
+    start = time.perf_counter()
+    run_step()  # eager: the first step plays the part of compilation (allocations, oneDNN primitive caches)
+    first_s = time.perf_counter() - start
+    return dict(impl=f"timm {name}", init_s=0.0, compile_s=first_s, **time_steps(run_step, args, f"timm {name}"))
+
+
+def _finish_row(row: dict, batch: int, train_gflop: float) -> dict:
+    step_s = statistics.median(row["step_times_s"])
+    return dict(row, step_s=step_s, img_per_s=batch / step_s, gflop_per_s=train_gflop / step_s)
+
+
+_TORCHVISION_SCHEMAS = []  # keeps the torch.library fragment below alive (dropping it deregisters the ops)
+
+
+def import_timm():
+    """Imports timm, working around a broken torchvision next to the CPU build of torch.
+
+    timm needs torchvision, whose PyPI Linux wheels are CUDA builds: next to the CPU torch their C++ ops do not
+    load, and ``import torchvision`` then fails registering fake kernels for two of them ("operator
+    torchvision::nms does not exist"). Classification models never call those ops, so on that error their
+    schemas are declared (without kernels) and the import is retried.
+    """
+    try:
+        import timm
+    except RuntimeError as e:
+        if "torchvision::" not in str(e):
+            raise
+        import torch
+
+        lib = torch.library.Library("torchvision", "FRAGMENT")
+        for op in ("nms", "qnms"):
+            lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _TORCHVISION_SCHEMAS.append(lib)
+        for module in [m for m in sys.modules if m.split(".")[0] in ("torchvision", "timm")]:
+            del sys.modules[module]
+        import timm
+    return timm
+
+
+def timm_available() -> tuple[bool, str]:
+    try:
+        import_timm()
+    except Exception as e:  # ImportError, or a torch/torchvision mismatch that fails at import time
+        return False, f"--compare timm skipped ({type(e).__name__}: {e}); install with: {TORCH_INSTALL_HINT}"
+    return True, ""
+
+
+def compare_timm(args) -> dict | None:
+    name = timm_name(args.model)
+    if name is None:
+        print(f"--compare timm skipped: {args.model} has no timm counterpart", file=sys.stderr)
+        return None
+    ok, message = timm_available()
+    if not ok:
+        print(message, file=sys.stderr)
+        return None
+    timm = import_timm()
+    if not timm.is_model(name):
+        print(f"--compare timm skipped: timm {timm.__version__} has no model {name!r}", file=sys.stderr)
+        return None
+    return time_timm(args, name)
+
+
+def benchmark_train(args: argparse.Namespace) -> dict:
+    """Runs the training-step benchmark; returns the report as a dict (also printed, or dumped with --json)."""
+    import jax
+
+    from nfjax.models import MODELS, list_models
+    from nfjax.models.layers import resolve_grouped_impl
+    from nfjax.models.summary import abstract_model, count_macs
+
+    if args.model not in MODELS:
+        args.error(f"unknown model {args.model!r}; valid names: {', '.join(list_models())}")
+    if args.steps < 1 or args.warmup < 0:
+        args.error("--steps must be at least 1 and --warmup at least 0")
+    load_before = os.getloadavg()[0]
+    overrides = model_overrides(args.model, args.dtype, args.grouped_impl)
+    macs = count_macs(abstract_model(args.model, num_classes=1000, **overrides), args.image_size)
+    train_gflop = 3 * 2 * macs * args.batch / 1e9
+    rows = [time_jax(args, overrides)]
+    if args.compare == "timm":
+        rows.append(compare_timm(args))
+    rows = [_finish_row(row, args.batch, train_gflop) for row in rows if row is not None]
+    grouped = resolve_grouped_impl(overrides["grouped_impl"]) if "grouped_impl" in overrides else None
+    report = dict(
+        model=args.model,
+        image_size=args.image_size,
+        batch=args.batch,
+        dtype=args.dtype,
+        grouped_impl=grouped,
+        steps=args.steps,
+        warmup=args.warmup,
+        backend=jax.default_backend(),
+        cores=cpu_cores(),
+        load_avg_before=load_before,
+        load_avg_after=os.getloadavg()[0],
+        forward_gmacs_per_image=macs / 1e9,
+        train_gflop_per_step=train_gflop,
+        rows=rows,
+        nfjax_over_timm=rows[0]["img_per_s"] / rows[1]["img_per_s"] if len(rows) > 1 else None,
+    )
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return report
+
+
+def format_report(report: dict) -> str:
+    grouped = f", grouped convs {report['grouped_impl']}" if report["grouped_impl"] else ""
+    lines = [
+        f"train step: {report['model']} {report['image_size']}px batch {report['batch']} {report['dtype']}{grouped}; "
+        f"{report['forward_gmacs_per_image']:.2f} GMACs/image forward, {report['train_gflop_per_step']:.1f} "
+        f"GFLOP/step (3x forward); backend {report['backend']}, {report['cores']} cores, load average "
+        f"{report['load_avg_before']:.2f} -> {report['load_avg_after']:.2f}; median of {report['steps']} steps "
+        f"after {report['warmup']} warm-up",
+        f"  {'implementation':<24} {'compile s':>10} {'step s':>9} {'CPU s':>8} {'img/s':>8} {'GFLOP/s':>9}",
+    ]
+    for row in report["rows"]:
+        lines.append(
+            f"  {row['impl']:<24} {row['compile_s']:10.1f} {row['step_s']:9.3f} {row['step_cpu_s']:8.2f} "
+            f"{row['img_per_s']:8.2f} "
+            f"{row['gflop_per_s']:9.1f}"
+        )
+    if report["nfjax_over_timm"] is not None:
+        lines.append(f"  nfjax / timm throughput: {report['nfjax_over_timm']:.2f}x")
+    return "\n".join(lines)
+
+
+def add_train_parser(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="training-step throughput (optionally next to PyTorch/timm)")
+    parser.add_argument("--model", default="nfnet_f0", help="an nfjax model name (python -m nfjax.models lists)")
+    parser.add_argument("--image-size", type=int, default=192)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--grouped-impl", default="auto", choices=["auto", "native", "split"], help="NFNet grouped-conv lowering"
+    )
+    parser.add_argument("--compare", default=None, choices=["timm"], help="also time the PyTorch/timm step")
+    parser.add_argument("--channels-last", action="store_true", help="PyTorch: channels-last memory format")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(run=benchmark_train, error=parser.error)
