@@ -14,19 +14,23 @@ import sys
 import time
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
-from flax import nnx
+from nfjax.host_devices import configure_host_devices
 
-from nfjax import data as data_lib
-from nfjax import optim, parallel
-from nfjax.checkpoint import Checkpointer, abstract_like, check_compatible
-from nfjax.losses import make_loss_fn
-from nfjax.metrics import MetricWriter, Progress
-from nfjax.models import create_model, model_metadata
-from nfjax.steps import leaf_paths, make_eval_step, make_train_step
+configure_host_devices()  # before JAX starts: one XLA device per CPU core (no effect on GPU/TPU)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from nfjax import data as data_lib  # noqa: E402
+from nfjax import optim, parallel  # noqa: E402
+from nfjax.checkpoint import Checkpointer, abstract_like, check_compatible  # noqa: E402
+from nfjax.losses import make_loss_fn  # noqa: E402
+from nfjax.metrics import MetricWriter, Progress  # noqa: E402
+from nfjax.models import create_model, model_metadata  # noqa: E402
+from nfjax.steps import leaf_paths, make_eval_step, make_train_step  # noqa: E402
 
 
 class TrainingError(RuntimeError):

@@ -1,0 +1,33 @@
+"""CPU training default: split the host into several XLA devices before JAX starts.
+
+On a CPU-only machine, XLA runs one device's convolutions on a thread pool that small convolutions do not keep
+busy. Simulating one device per core (``--xla_force_host_platform_device_count``) and training data-parallel over
+them keeps every core working: on a 2-core machine the Fashion-MNIST twins' train step ran 17% (NF) and 30% (BN)
+faster with two host devices than with one (docs/fashion_mnist.md). The flag only shapes the CPU platform, so
+GPU/TPU runs are unaffected. This module must not import JAX.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+FLAG = "--xla_force_host_platform_device_count"
+ENV = "NFJAX_HOST_DEVICES"  # an explicit count; 1 keeps XLA's single host device
+
+
+def default_host_devices(cpu_count: int | None = None) -> int:
+    """The largest power of two <= min(cores, 8): global batches (multiples of 8) stay divisible by it."""
+    cores = max(1, min(cpu_count or os.cpu_count() or 1, 8))
+    return 1 << (cores.bit_length() - 1)
+
+
+def configure_host_devices() -> int | None:
+    """Adds the host device flag to XLA_FLAGS unless JAX already started or the user set it; returns the count."""
+    if "jax" in sys.modules or FLAG in os.environ.get("XLA_FLAGS", ""):
+        return None
+    count = int(os.environ[ENV]) if os.environ.get(ENV) else default_host_devices()
+    if count <= 1:
+        return None
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FLAG}={count}".strip()
+    return count
