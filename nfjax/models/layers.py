@@ -422,3 +422,28 @@ def block_betas(depths: Sequence[int], alpha: float) -> list[float]:
                 expected_std = 1.0
             expected_std = float(np.sqrt(expected_std**2 + alpha**2))
     return betas
+
+
+def stage_plan(widths: Sequence[int], depths: Sequence[int], strides: Sequence[int], in_ch: int):
+    """Yields (index, in_ch, out_ch, stride) for every block of a staged network (stride on a stage's first)."""
+    index = 0
+    for width, depth, stride in zip(widths, depths, strides, strict=True):
+        for i in range(depth):
+            yield index, in_ch, width, stride if i == 0 else 1
+            in_ch, index = width, index + 1
+
+
+def blocks_and_head(model, x, *, train: bool, key, return_stats: bool, pre_pool=None):
+    """Shared forward tail: blocks (key folded with the block index) -> pre_pool -> mean over H, W ->
+    dropout -> ``model.classifier``; logits float32, plus the per-block statistics stacked when asked."""
+    stats = [] if return_stats else None
+    for i, block in enumerate(model.blocks):
+        x = block(x, train=train, key=None if key is None else jax.random.fold_in(key, i), stats=stats)
+    if pre_pool is not None:
+        x = pre_pool(x)
+    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    drop_key = None if key is None else jax.random.fold_in(key, len(model.blocks))
+    logits = model.classifier(dropout(pooled, model.drop_rate, drop_key, train)).astype(jnp.float32)
+    if return_stats:
+        return logits, jax.tree.map(lambda *v: jnp.stack(v), *stats)
+    return logits

@@ -128,28 +128,16 @@ class NFResNet(nnx.Module):
             self.stem_conv = conv(in_channels, stem_width, 3, strides=1, rngs=rngs)
         betas = L.block_betas(depths, alpha)
         num_blocks = sum(depths)
-        blocks, ch, index = [], stem_width, 0
-        for width, depth, stride in zip(widths, depths, strides, strict=True):
-            for i in range(depth):
-                blocks.append(
-                    NFResBlock(
-                        ch,
-                        width,
-                        stride=stride if i == 0 else 1,
-                        beta=betas[index],
-                        alpha=alpha,
-                        kind=block,
-                        bottleneck_ratio=bottleneck_ratio,
-                        se_ratio=se_ratio,
-                        activation=activation,
-                        stochdepth_rate=stochdepth_rate * index / num_blocks,
-                        skipinit_gain=skipinit_gain,
-                        conv=conv,
-                        dtype=dtype,
-                        rngs=rngs,
-                    )
-                )
-                ch, index = width, index + 1
+        blocks = [
+            NFResBlock(
+                cin, cout, stride=stride, beta=betas[i], alpha=alpha, kind=block,
+                bottleneck_ratio=bottleneck_ratio, se_ratio=se_ratio, activation=activation,
+                stochdepth_rate=stochdepth_rate * i / num_blocks, skipinit_gain=skipinit_gain, conv=conv,
+                dtype=dtype, rngs=rngs,
+            )
+            for i, cin, cout, stride in L.stage_plan(widths, depths, strides, stem_width)
+        ]
+        ch = widths[-1]
         self.blocks = nnx.List(blocks)
         self.classifier = L.Linear(
             ch, num_classes, kernel_init=jax.nn.initializers.normal(0.01), dtype=dtype, rngs=rngs
@@ -161,12 +149,4 @@ class NFResNet(nnx.Module):
         x = self.stem_conv(x)
         if self.stem_kind == "imagenet":
             x = L.max_pool_3x3_s2(x)
-        stats = [] if return_stats else None
-        for i, block in enumerate(self.blocks):
-            x = block(x, train=train, key=None if key is None else jax.random.fold_in(key, i), stats=stats)
-        pooled = jnp.mean(self.act(x).astype(jnp.float32), axis=(1, 2))
-        drop_key = None if key is None else jax.random.fold_in(key, len(self.blocks))
-        logits = self.classifier(L.dropout(pooled, self.drop_rate, drop_key, train)).astype(jnp.float32)
-        if return_stats:
-            return logits, jax.tree.map(lambda *v: jnp.stack(v), *stats)
-        return logits
+        return L.blocks_and_head(self, x, train=train, key=key, return_stats=return_stats, pre_pool=self.act)

@@ -137,29 +137,16 @@ class NFNet(nnx.Module):
         )
         betas = L.block_betas(depths, alpha)
         num_blocks = sum(depths)
-        blocks, ch, index = [], stem_out, 0
-        for width, depth, stride in zip(widths, depths, strides, strict=True):
-            for i in range(depth):
-                blocks.append(
-                    NFBlock(
-                        ch,
-                        width,
-                        stride=stride if i == 0 else 1,
-                        beta=betas[index],
-                        alpha=alpha,
-                        bottleneck_ratio=bottleneck_ratio,
-                        group_size=group_size,
-                        se_ratio=se_ratio,
-                        stochdepth_rate=stochdepth_rate * index / num_blocks,
-                        use_two_convs=use_two_convs,
-                        activation=activation,
-                        skipinit_gain=skipinit_gain,
-                        conv=conv,
-                        dtype=dtype,
-                        rngs=rngs,
-                    )
-                )
-                ch, index = width, index + 1
+        blocks = [
+            NFBlock(
+                cin, cout, stride=stride, beta=betas[i], alpha=alpha, bottleneck_ratio=bottleneck_ratio,
+                group_size=group_size, se_ratio=se_ratio, stochdepth_rate=stochdepth_rate * i / num_blocks,
+                use_two_convs=use_two_convs, activation=activation, skipinit_gain=skipinit_gain, conv=conv,
+                dtype=dtype, rngs=rngs,
+            )
+            for i, cin, cout, stride in L.stage_plan(widths, depths, strides, stem_out)
+        ]
+        ch = widths[-1]
         self.blocks = nnx.List(blocks)
         final_ch = int(final_conv_mult * ch)
         self.final_conv = conv(ch, final_ch, 1, rngs=rngs)
@@ -174,15 +161,5 @@ class NFNet(nnx.Module):
             x = conv(x)
             if i < len(self.stem) - 1:
                 x = self.act(x)
-        stats = [] if return_stats else None
-        for i, block in enumerate(self.blocks):
-            block_key = None if key is None else jax.random.fold_in(key, i)
-            x = block(x, train=train, key=block_key, stats=stats)
-        x = self.act(self.final_conv(x))
-        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        drop_key = None if key is None else jax.random.fold_in(key, len(self.blocks))
-        pooled = L.dropout(pooled, self.drop_rate, drop_key, train)
-        logits = self.classifier(pooled).astype(jnp.float32)
-        if return_stats:
-            return logits, jax.tree.map(lambda *v: jnp.stack(v), *stats)
-        return logits
+        pre_pool = lambda h: self.act(self.final_conv(h))
+        return L.blocks_and_head(self, x, train=train, key=key, return_stats=return_stats, pre_pool=pre_pool)

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from functools import partial
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from nfjax.models import layers as L
@@ -118,26 +117,16 @@ class ResNet(nnx.Module):
             rngs=rngs,
         )
         self.stem_bn = norm(stem_width)
-        num_blocks = sum(depths)
-        blocks, ch, index = [], stem_width, 0
-        for width, depth, stride in zip(widths, depths, strides, strict=True):
-            for i in range(depth):
-                rate = stochdepth_rate * index / max(num_blocks - 1, 1)
-                blocks.append(
-                    ResBlock(
-                        ch,
-                        width,
-                        stride=stride if i == 0 else 1,
-                        kind=block,
-                        bottleneck_ratio=bottleneck_ratio,
-                        stochdepth_rate=rate,
-                        zero_init_last=zero_init_last,
-                        conv=conv,
-                        norm=norm,
-                        rngs=rngs,
-                    )
-                )
-                ch, index = width, index + 1
+        last = max(sum(depths) - 1, 1)
+        blocks = [
+            ResBlock(
+                cin, cout, stride=stride, kind=block, bottleneck_ratio=bottleneck_ratio,
+                stochdepth_rate=stochdepth_rate * i / last, zero_init_last=zero_init_last, conv=conv, norm=norm,
+                rngs=rngs,
+            )
+            for i, cin, cout, stride in L.stage_plan(widths, depths, strides, stem_width)
+        ]
+        ch = widths[-1]
         self.blocks = nnx.List(blocks)
         bound = 1.0 / math.sqrt(ch)  # torch.nn.Linear's default weight init
         fc_init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -149,12 +138,4 @@ class ResNet(nnx.Module):
         x = jax.nn.relu(self.stem_bn(self.stem_conv(x), train))
         if self.stem_kind == "imagenet":
             x = L.max_pool_3x3_s2(x, padding=((1, 1), (1, 1)))
-        stats = [] if return_stats else None
-        for i, block in enumerate(self.blocks):
-            x = block(x, train=train, key=None if key is None else jax.random.fold_in(key, i), stats=stats)
-        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        drop_key = None if key is None else jax.random.fold_in(key, len(self.blocks))
-        logits = self.classifier(L.dropout(pooled, self.drop_rate, drop_key, train)).astype(jnp.float32)
-        if return_stats:
-            return logits, jax.tree.map(lambda *v: jnp.stack(v), *stats)
-        return logits
+        return L.blocks_and_head(self, x, train=train, key=key, return_stats=return_stats)
