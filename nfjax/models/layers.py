@@ -447,3 +447,17 @@ def blocks_and_head(model, x, *, train: bool, key, return_stats: bool, pre_pool=
     if return_stats:
         return logits, jax.tree.map(lambda *v: jnp.stack(v), *stats)
     return logits
+
+
+def nf_merge_residual(block, branch, shortcut, *, train: bool, key, stats: list | None):
+    """The tail every NF block shares: branch = 2 * SE(branch) * branch (if ``block.se``);
+    out = shortcut + alpha * skip_gain * stochastic_depth(branch); appends the signal statistics of ``out`` and
+    the residual variance (before stochastic depth and SkipInit) to ``stats`` when given."""
+    if block.se is not None:
+        branch = 2.0 * block.se(branch) * branch
+    residual = branch
+    branch = stochastic_depth(branch, block.stochdepth_rate, key, train)
+    out = shortcut + branch * (block.skip_gain[...].astype(branch.dtype) * block.alpha)
+    if stats is not None:
+        stats.append({**channel_stats(out), "res_avg_var": channel_stats(residual)["avg_var"]})
+    return out

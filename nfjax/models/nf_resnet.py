@@ -77,14 +77,7 @@ class NFResBlock(nnx.Module):
         out = self.conv1(self.act(out))
         if self.conv2 is not None:
             out = self.conv2(self.act(out))
-        if self.se is not None:
-            out = 2.0 * self.se(out) * out
-        residual = out
-        out = L.stochastic_depth(out, self.stochdepth_rate, key, train)
-        out = shortcut + out * (self.skip_gain[...].astype(out.dtype) * self.alpha)
-        if stats is not None:
-            stats.append({**L.channel_stats(out), "res_avg_var": L.channel_stats(residual)["avg_var"]})
-        return out
+        return L.nf_merge_residual(self, out, shortcut, train=train, key=key, stats=stats)
 
 
 class NFResNet(nnx.Module):
@@ -130,10 +123,20 @@ class NFResNet(nnx.Module):
         num_blocks = sum(depths)
         blocks = [
             NFResBlock(
-                cin, cout, stride=stride, beta=betas[i], alpha=alpha, kind=block,
-                bottleneck_ratio=bottleneck_ratio, se_ratio=se_ratio, activation=activation,
-                stochdepth_rate=stochdepth_rate * i / num_blocks, skipinit_gain=skipinit_gain, conv=conv,
-                dtype=dtype, rngs=rngs,
+                cin,
+                cout,
+                stride=stride,
+                beta=betas[i],
+                alpha=alpha,
+                kind=block,
+                bottleneck_ratio=bottleneck_ratio,
+                se_ratio=se_ratio,
+                activation=activation,
+                stochdepth_rate=stochdepth_rate * i / num_blocks,
+                skipinit_gain=skipinit_gain,
+                conv=conv,
+                dtype=dtype,
+                rngs=rngs,
             )
             for i, cin, cout, stride in L.stage_plan(widths, depths, strides, stem_width)
         ]

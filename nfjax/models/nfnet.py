@@ -82,14 +82,7 @@ class NFBlock(nnx.Module):
         if self.conv1b is not None:
             out = self.conv1b(self.act(out))
         out = self.conv2(self.act(out))
-        if self.se is not None:
-            out = 2.0 * self.se(out) * out
-        residual = out
-        out = L.stochastic_depth(out, self.stochdepth_rate, key, train)
-        out = shortcut + out * (self.skip_gain[...].astype(out.dtype) * self.alpha)
-        if stats is not None:
-            stats.append({**L.channel_stats(out), "res_avg_var": L.channel_stats(residual)["avg_var"]})
-        return out
+        return L.nf_merge_residual(self, out, shortcut, train=train, key=key, stats=stats)
 
 
 class NFNet(nnx.Module):
@@ -139,10 +132,21 @@ class NFNet(nnx.Module):
         num_blocks = sum(depths)
         blocks = [
             NFBlock(
-                cin, cout, stride=stride, beta=betas[i], alpha=alpha, bottleneck_ratio=bottleneck_ratio,
-                group_size=group_size, se_ratio=se_ratio, stochdepth_rate=stochdepth_rate * i / num_blocks,
-                use_two_convs=use_two_convs, activation=activation, skipinit_gain=skipinit_gain, conv=conv,
-                dtype=dtype, rngs=rngs,
+                cin,
+                cout,
+                stride=stride,
+                beta=betas[i],
+                alpha=alpha,
+                bottleneck_ratio=bottleneck_ratio,
+                group_size=group_size,
+                se_ratio=se_ratio,
+                stochdepth_rate=stochdepth_rate * i / num_blocks,
+                use_two_convs=use_two_convs,
+                activation=activation,
+                skipinit_gain=skipinit_gain,
+                conv=conv,
+                dtype=dtype,
+                rngs=rngs,
             )
             for i, cin, cout, stride in L.stage_plan(widths, depths, strides, stem_out)
         ]

@@ -120,8 +120,15 @@ class ResNet(nnx.Module):
         last = max(sum(depths) - 1, 1)
         blocks = [
             ResBlock(
-                cin, cout, stride=stride, kind=block, bottleneck_ratio=bottleneck_ratio,
-                stochdepth_rate=stochdepth_rate * i / last, zero_init_last=zero_init_last, conv=conv, norm=norm,
+                cin,
+                cout,
+                stride=stride,
+                kind=block,
+                bottleneck_ratio=bottleneck_ratio,
+                stochdepth_rate=stochdepth_rate * i / last,
+                zero_init_last=zero_init_last,
+                conv=conv,
+                norm=norm,
                 rngs=rngs,
             )
             for i, cin, cout, stride in L.stage_plan(widths, depths, strides, stem_width)
