@@ -33,10 +33,6 @@ def _targets(batch: dict) -> jax.Array:
     return batch["label_probs"] if "label_probs" in batch else batch["label"]
 
 
-def _tree_norm(tree) -> jax.Array:
-    return optax.global_norm(tree)
-
-
 def agc_clip_fraction(grads, params, cfg) -> jax.Array:
     """Fraction of clipped parameters: those whose unit's gradient norm exceeds lambda * max(|p|_u, eps)."""
     if cfg.clipping != "agc":
@@ -111,9 +107,9 @@ def make_train_step(
             top1=top1,
             lr=schedule(state["step"]),
             finite=finite,
-            grad_norm=_tree_norm(grads),
-            param_norm=_tree_norm(params),
-            update_norm=_tree_norm(updates),
+            grad_norm=optax.tree.norm(grads),
+            param_norm=optax.tree.norm(params),
+            update_norm=optax.tree.norm(updates),
             agc_clip_fraction=agc_clip_fraction(grads, state["params"], optim_cfg),
             largest_grad_param=_largest_grad_index(grads),
         )
