@@ -1,10 +1,13 @@
 """NF vs BN on Fashion-MNIST: train both twins with the same recipe, then tabulate accuracy, time and curves.
 
     python scripts/fmnist_compare.py --recipe quick --out runs/compare_quick
-    python scripts/fmnist_compare.py --recipe long --out runs/compare_long   # about 1-2 h per twin on 2 cores
+    python scripts/fmnist_compare.py --recipe long --out runs/compare_long   # about 65-75 min per twin on 2 cores
+    python scripts/fmnist_compare.py --recipe long --out runs/compare_long --report-only
 
-Writes OUT/report.md (a Markdown table plus per-epoch test accuracy) from each run's metrics.jsonl.
-Existing runs are resumed, so the script can be interrupted and restarted.
+Writes OUT/report.md (a summary table plus, for each twin, test accuracy and loss and the mean training loss at
+every evaluation) and OUT/report.json from each run's metrics.jsonl. Each twin's wall time (the whole trainer
+process: start-up, compilation, training and evaluation) is kept in OUT/TWIN/wall_time.json. Existing runs are
+resumed, so the script can be interrupted and restarted; --report-only rebuilds the report without training.
 """
 
 from __future__ import annotations
@@ -16,7 +19,11 @@ import subprocess
 import sys
 import time
 
-from nfjax.metrics import read_metrics
+try:
+    from nfjax.metrics import read_metrics
+except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from nfjax.metrics import read_metrics
 
 TWINS = {"nf": "configs/fmnist_nf.py", "bn": "configs/fmnist_bn.py"}
 
@@ -27,7 +34,41 @@ def run_twin(name: str, recipe: str, out: str, extra: list[str]) -> float:
     print("$", " ".join(cmd + extra), flush=True)
     start = time.time()
     subprocess.run(cmd + extra, check=True)
-    return time.time() - start
+    seconds = time.time() - start
+    with open(os.path.join(workdir, "wall_time.json"), "w") as f:
+        json.dump({"command": " ".join(cmd + extra), "wall_seconds": round(seconds, 1)}, f)
+    return seconds
+
+
+def recorded_wall_time(out: str, name: str) -> float | None:
+    path = os.path.join(out, name, "wall_time.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["wall_seconds"]
+
+
+def curve(records: list[dict]) -> list[dict]:
+    """One row per evaluation: step, epoch, test metrics, mean train loss since the previous evaluation, minutes."""
+    t0 = records[0]["time"] if records else 0.0
+    rows, window, epoch = [], [], 0.0
+    for r in records:
+        if r["split"] == "train":
+            window.append(r["loss"])
+            epoch = r.get("epoch", epoch)
+        elif r["split"] == "eval":
+            rows.append(
+                {
+                    "step": r["step"],
+                    "epoch": round(epoch, 2),
+                    "top1": r["top1"],
+                    "loss": r["loss"],
+                    "train_loss": sum(window) / len(window) if window else float("nan"),
+                    "minutes": round((r["time"] - t0) / 60, 1),
+                }
+            )
+            window = []
+    return rows
 
 
 def summarize(out: str, name: str, seconds: float | None) -> dict:
@@ -46,7 +87,8 @@ def summarize(out: str, name: str, seconds: float | None) -> dict:
         "steps": last["step"],
         "wall_seconds": None if seconds is None else round(seconds, 1),
         "img_per_sec": round(sum(r["img_per_sec"] for r in train) / max(len(train), 1), 1),
-        "curve": [(r["step"], round(r["top1"], 4)) for r in evals],
+        "step_time_median": sorted(r["step_time"] for r in train)[len(train) // 2] if train else None,
+        "curve": curve(records),
     }
 
 
@@ -54,19 +96,33 @@ def report(rows: list[dict], recipe: str) -> str:
     lines = [
         f"## Fashion-MNIST, recipe `{recipe}`",
         "",
-        "| twin | test top-1 | top-5 | loss | examples | steps | wall time (s) | train img/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| twin | test top-1 | top-5 | loss | examples | steps | wall time | train img/s | step time (median) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "top1" in r:
+            wall = "not recorded" if r["wall_seconds"] is None else f"{r['wall_seconds'] / 60:.1f} min"
             lines.append(
                 f"| {r['twin']} | {r['top1']:.4f} | {r['top5']:.4f} | {r['loss']:.4f} | {r['examples']} | "
-                f"{r['steps']} | {r['wall_seconds']} | {r['img_per_sec']} |"
+                f"{r['steps']} | {wall} | {r['img_per_sec']} | {r['step_time_median']:.3f} s |"
             )
-    lines += ["", "Test top-1 by step:", ""]
+        else:
+            lines.append(f"| {r['twin']} | {r['status']} | | | | | | | |")
     for r in rows:
-        if "curve" in r:
-            lines.append(f"- {r['twin']}: " + ", ".join(f"{s}: {a:.4f}" for s, a in r["curve"]))
+        if "curve" not in r:
+            continue
+        lines += [
+            "",
+            f"### {r['twin']}: at every evaluation",
+            "",
+            "| step | epoch | test top-1 | test loss | train loss (mean since last eval) | minutes since first log |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in r["curve"]:
+            lines.append(
+                f"| {c['step']} | {c['epoch']} | {c['top1']:.4f} | {c['loss']:.4f} | {c['train_loss']:.4f} | "
+                f"{c['minutes']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -75,10 +131,20 @@ def main() -> None:
     parser.add_argument("--recipe", default="quick", choices=["quick", "long"])
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--twins", default="nf,bn", help="comma-separated subset of: nf, bn")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the report from existing runs")
     args, extra = parser.parse_known_args()
+    names = [n.strip() for n in args.twins.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TWINS]
+    if unknown or not names:
+        parser.error(f"--twins takes a comma-separated subset of {', '.join(TWINS)}; got {args.twins!r}")
     rows = []
-    for name in args.twins.split(","):
-        seconds = run_twin(name, args.recipe, args.out, extra)
+    for name in names:
+        if args.report_only:
+            if not os.path.exists(os.path.join(args.out, name, "metrics.jsonl")):
+                parser.error(f"no run of the {name} twin in {args.out}; train it first (drop --report-only)")
+            seconds = recorded_wall_time(args.out, name)
+        else:
+            seconds = run_twin(name, args.recipe, args.out, extra)
         rows.append(summarize(args.out, name, seconds))
     text = report(rows, args.recipe)
     os.makedirs(args.out, exist_ok=True)
