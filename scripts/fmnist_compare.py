@@ -51,16 +51,17 @@ def recorded_wall_time(out: str, name: str) -> float | None:
 def curve(records: list[dict]) -> list[dict]:
     """One row per evaluation: step, epoch, test metrics, mean train loss since the previous evaluation, minutes."""
     t0 = records[0]["time"] if records else 0.0
-    rows, window, epoch = [], [], 0.0
+    rows, window, epochs_per_step = [], [], 0.0
     for r in records:
         if r["split"] == "train":
             window.append(r["loss"])
-            epoch = r.get("epoch", epoch)
+            if r.get("epoch") and r["step"]:
+                epochs_per_step = r["epoch"] / r["step"]
         elif r["split"] == "eval":
             rows.append(
                 {
                     "step": r["step"],
-                    "epoch": round(epoch, 2),
+                    "epoch": round(r["step"] * epochs_per_step, 2),
                     "top1": r["top1"],
                     "loss": r["loss"],
                     "train_loss": sum(window) / len(window) if window else float("nan"),
