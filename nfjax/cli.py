@@ -7,6 +7,7 @@ is an error naming the nearest valid keys. Errors the user must act on print one
 
 from __future__ import annotations
 
+import argparse
 import ast
 import difflib
 import importlib.util
@@ -134,6 +135,15 @@ def run_guarded(fn: Callable[[], Any]) -> tuple[int, Any]:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130, None
+
+
+def run_parsed(parser: argparse.ArgumentParser, argv: list[str] | None, fn: Callable[[Any], Any]) -> tuple[int, Any]:
+    """(exit code, result) of ``fn(args)`` for an argparse CLI: usage errors give argparse's code, user errors 2."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse has printed usage and the problem
+        return int(e.code or 0), None
+    return run_guarded(lambda: fn(args))
 
 
 def run_cli(prog: str, argv: list[str] | None, fn: Callable[[ml_collections.ConfigDict, str], Any]) -> int:

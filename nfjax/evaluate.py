@@ -22,7 +22,7 @@ import ml_collections
 from nfjax import data as data_lib
 from nfjax import parallel, train
 from nfjax.checkpoint import Checkpointer, abstract_like, check_compatible
-from nfjax.cli import run_guarded
+from nfjax.cli import run_parsed
 from nfjax.losses import make_loss_fn
 from nfjax.steps import make_eval_step
 
@@ -91,22 +91,18 @@ def evaluate_workdir(workdir: str, split: str | None = None, batch: int | None =
     return evaluate_run(restore_run(workdir), split, batch)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m nfjax.evaluate", description="Evaluates the newest checkpoint of a training run."
     )
     parser.add_argument("--workdir", required=True, help="the --workdir of a training run")
     parser.add_argument("--split", default=None, help="dataset split (default: the run's data.eval_split)")
     parser.add_argument("--batch", type=int, default=None, help="global eval batch (default: the run's)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-    except SystemExit as e:  # argparse has printed usage and the problem
-        return int(e.code or 0)
-    code, result = run_guarded(lambda: evaluate_workdir(args.workdir, args.split, args.batch))
+    code, result = run_parsed(build_parser(), argv, lambda a: evaluate_workdir(a.workdir, a.split, a.batch))
     if code == 0:
         print(json.dumps(result))
     return code

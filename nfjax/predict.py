@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from nfjax import parallel
-from nfjax.cli import run_guarded
+from nfjax.cli import run_parsed
 from nfjax.data import augment
 from nfjax.data.config import mean_std
 from nfjax.data.pipeline import batch_image_shape
@@ -80,28 +80,23 @@ def predict(workdir: str, paths: list[str], top_k: int = 5) -> list[list[tuple[s
     return [[(names[i], float(row[i])) for i in np.argsort(-row)[:k]] for row in probs]
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m nfjax.predict", description="Top-k class predictions of a trained run for image files."
     )
     parser.add_argument("--workdir", required=True, help="the --workdir of a training run")
     parser.add_argument("--top-k", type=int, default=5, help="classes to print per image (default 5)")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-    except SystemExit as e:  # argparse has printed usage and the problem
-        return int(e.code or 0)
-
-    def run():
+    def run(args):
         parallel.initialize_distributed()
-        return predict(args.workdir, args.images, args.top_k)
+        return list(zip(args.images, predict(args.workdir, args.images, args.top_k), strict=False))
 
-    code, results = run_guarded(run)
-    for path, top in zip(args.images, results or [], strict=False):
+    code, results = run_parsed(build_parser(), argv, run)
+    for path, top in results or []:
         print(path)
         for name, prob in top:
             print(f"  {prob:.4f}  {name}")

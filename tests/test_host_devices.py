@@ -15,9 +15,7 @@ def test_default_is_a_power_of_two_capped_at_8(cores, expected):
 
 
 def _configure(env: dict) -> str:
-    code = (
-        "import os, nfjax.host_devices as h; print(h.configure_host_devices(), os.environ.get('XLA_FLAGS', ''))"
-    )
+    code = "import os, nfjax.host_devices as h; print(h.configure_host_devices(), os.environ.get('XLA_FLAGS', ''))"
     base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "NFJAX_HOST_DEVICES")}
     out = subprocess.run([sys.executable, "-c", code], env=base | env, capture_output=True, text=True, check=True)
     return out.stdout.strip()
