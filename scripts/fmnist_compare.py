@@ -28,7 +28,7 @@ except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
 TWINS = {"nf": "configs/fmnist_nf.py", "bn": "configs/fmnist_bn.py"}
 
 
-def run_twin(name: str, recipe: str, out: str, extra: list[str]) -> float:
+def run_twin(name: str, recipe: str, out: str, extra: list[str]) -> None:
     workdir = os.path.join(out, name)
     cmd = [sys.executable, "-m", "nfjax.train", "--config", f"{TWINS[name]}:recipe={recipe}", "--workdir", workdir]
     print("$", " ".join(cmd + extra), flush=True)
@@ -37,7 +37,6 @@ def run_twin(name: str, recipe: str, out: str, extra: list[str]) -> float:
     seconds = time.time() - start
     with open(os.path.join(workdir, "wall_time.json"), "w") as f:
         json.dump({"command": " ".join(cmd + extra), "wall_seconds": round(seconds, 1)}, f)
-    return seconds
 
 
 def recorded_wall_time(out: str, name: str) -> float | None:
@@ -72,8 +71,9 @@ def curve(records: list[dict]) -> list[dict]:
     return rows
 
 
-def summarize(out: str, name: str, seconds: float | None) -> dict:
+def summarize(out: str, name: str) -> dict:
     records = read_metrics(os.path.join(out, name))
+    seconds = recorded_wall_time(out, name)
     evals = [r for r in records if r["split"] == "eval"]
     train = [r for r in records if r["split"] == "train"]
     if not evals:
@@ -86,7 +86,7 @@ def summarize(out: str, name: str, seconds: float | None) -> dict:
         "loss": last["loss"],
         "examples": last["examples"],
         "steps": last["step"],
-        "wall_seconds": None if seconds is None else round(seconds, 1),
+        "wall_seconds": seconds,
         "img_per_sec": round(sum(r["img_per_sec"] for r in train) / max(len(train), 1), 1),
         "step_time_median": sorted(r["step_time"] for r in train)[len(train) // 2] if train else None,
         "curve": curve(records),
@@ -140,13 +140,11 @@ def main() -> None:
         parser.error(f"--twins takes a comma-separated subset of {', '.join(TWINS)}; got {args.twins!r}")
     rows = []
     for name in names:
-        if args.report_only:
-            if not os.path.exists(os.path.join(args.out, name, "metrics.jsonl")):
-                parser.error(f"no run of the {name} twin in {args.out}; train it first (drop --report-only)")
-            seconds = recorded_wall_time(args.out, name)
-        else:
-            seconds = run_twin(name, args.recipe, args.out, extra)
-        rows.append(summarize(args.out, name, seconds))
+        if not args.report_only:
+            run_twin(name, args.recipe, args.out, extra)
+        elif not os.path.exists(os.path.join(args.out, name, "metrics.jsonl")):
+            parser.error(f"no run of the {name} twin in {args.out}; train it first (drop --report-only)")
+        rows.append(summarize(args.out, name))
     text = report(rows, args.recipe)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "report.md"), "w") as f:
