@@ -7,7 +7,7 @@ Expected: recipe=long (30 epochs) 94.28% in 75 minutes on 2 CPU cores; recipe=qu
 Arguments: recipe (quick|long), data_dir, epochs, batch, seed.
 """
 
-from nfjax.config_lib import fashion_mnist_twin_config
+from nfjax.recipes import fashion_mnist_twin_config
 
 
 def get_config(arg=None):

@@ -8,7 +8,7 @@ measured; see docs/fashion_mnist.md).
 Arguments: recipe (quick|long), data_dir, epochs, batch, seed.
 """
 
-from nfjax.config_lib import fashion_mnist_twin_config
+from nfjax.recipes import fashion_mnist_twin_config
 
 
 def get_config(arg=None):

@@ -6,7 +6,7 @@ Expected: about 76-77% ImageNet top-1 (the NF-ResNet paper's 90-epoch regime; no
 Arguments: dataset, data_dir, batch (0: 1024), epochs (0: 90).
 """
 
-from nfjax.config_lib import nf_resnet50_imagenet_config
+from nfjax.recipes import nf_resnet50_imagenet_config
 
 
 def get_config(arg=None):

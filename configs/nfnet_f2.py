@@ -7,7 +7,7 @@ data_dir (see docs/data.md); another dataset: --config configs/nfnet_f2.py:datas
 Arguments: dataset, data_dir, batch (0: 4096), epochs (0: 360).
 """
 
-from nfjax.config_lib import nfnet_imagenet_config
+from nfjax.recipes import nfnet_imagenet_config
 
 
 def get_config(arg=None):

@@ -6,7 +6,7 @@ Expected: about 76.1% ImageNet top-1 (torchvision's figure for this recipe; not 
 Arguments: dataset, data_dir, batch (0: 256), epochs (0: 90).
 """
 
-from nfjax.config_lib import resnet50_bn_imagenet_config
+from nfjax.recipes import resnet50_bn_imagenet_config
 
 
 def get_config(arg=None):

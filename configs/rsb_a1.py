@@ -5,7 +5,7 @@
 Expected: 80.4% ImageNet top-1 (paper, 224 px test, crop 0.95). Arguments: dataset, data_dir, batch, epochs.
 """
 
-from nfjax.config_lib import rsb_config
+from nfjax.recipes import rsb_config
 
 
 def get_config(arg=None):

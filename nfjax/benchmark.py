@@ -12,17 +12,18 @@ train  training-step time, images/s and GFLOP/s of a model (see nfjax/benchmark_
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from nfjax.host_devices import configure_host_devices, cpu_cores
+
+configure_host_devices()  # before JAX starts, as for training
+
 import numpy as np
 
-
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+from nfjax.benchmark_train import add_train_parser
 
 
 def make_synthetic_jpegs(root: str | Path, num_images: int = 300, num_classes: int = 4, seed: int = 0) -> Path:
@@ -192,8 +193,6 @@ def add_data_parser(subparsers) -> None:
 
 def main(argv: Sequence[str] | None = None):
     """Parses ``argv`` and runs the chosen benchmark; returns its result."""
-    from nfjax.benchmark_train import add_train_parser
-
     parser = argparse.ArgumentParser(
         prog="python -m nfjax.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -1,12 +1,12 @@
 """Training-step throughput: ``python -m nfjax.benchmark train --model nfnet_f0 --image-size 192 --batch 8``.
 
-Times the full jitted train step of :mod:`nfjax.train` (forward, backward, AGC -> weight decay -> SGD-Nesterov,
-donated state) on random data, and with ``--compare timm`` the same step in PyTorch/timm on the same shapes:
-forward, cross-entropy, backward, timm's AGC on every parameter but the classifier, SGD-Nesterov with weight
-decay on matrices only. Reported per implementation: compile time (PyTorch: its first step), median step
-time over ``--steps`` steps after ``--warmup``, images/s and achieved GFLOP/s, where one training step counts
-as 3x the forward multiply-adds (``nfjax.models.summary.count_macs``) x 2 FLOPs. The parameter EMA is off:
-it is not part of the PyTorch step either.
+Times the jitted train step that ``nfjax.train`` runs, assembled by the same experiment (forward, backward,
+AGC -> weight decay -> SGD-Nesterov, donated state) on random data, and with ``--compare timm`` the same step
+in PyTorch/timm on the same shapes: forward, cross-entropy, backward, timm's AGC on every parameter but the
+classifier, SGD-Nesterov with weight decay on matrices only. Reported per implementation: compile time
+(PyTorch: its first step), median step time over ``--steps`` steps after ``--warmup``, images/s and achieved
+GFLOP/s, where one training step counts as 3x the forward multiply-adds (``nfjax.models.summary.count_macs``)
+x 2 FLOPs. The parameter EMA is off: it is not part of the PyTorch step either.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 
-from nfjax.benchmark import cpu_cores
+from nfjax.host_devices import cpu_cores
 
 TORCH_INSTALL_HINT = (
     "pip install torch==2.13.0 timm  (pins the CPU build; a plain `pip install torch` pulls a multi-GB CUDA build)"
@@ -37,43 +37,38 @@ def timm_name(name: str) -> str | None:
     return None
 
 
-def model_overrides(name: str, dtype: str, grouped_impl: str) -> dict:
-    """Constructor overrides for the benchmark: compute dtype, and grouped_impl where the model takes it."""
-    import jax.numpy as jnp
-
+def model_overrides(name: str, grouped_impl: str) -> dict:
+    """Constructor overrides for the benchmark: grouped_impl where the model takes it."""
     from nfjax.models import MODELS
 
-    overrides = {"dtype": jnp.bfloat16} if dtype == "bfloat16" else {}
     if "grouped_impl" in inspect.signature(MODELS[name][0].__init__).parameters:
-        overrides["grouped_impl"] = grouped_impl
-    return overrides
+        return {"grouped_impl": grouped_impl}
+    return {}
 
 
-def build_jax_step(name: str, image_size: int, batch: int, overrides: dict):
-    """Returns (jitted step, state, batch) for one device: the train step exactly as ``nfjax.train`` builds it."""
+def build_jax_step(name: str, image_size: int, batch: int, dtype: str, overrides: dict):
+    """Returns (jitted step, state, batch) for one device: the experiment and train step exactly as
+    ``nfjax.train`` assembles them (default optimizer: AGC -> weight decay -> SGD-Nesterov; EMA off), on
+    random data."""
     import jax
     import numpy as np
 
-    from nfjax import optim, parallel
-    from nfjax.losses import make_loss_fn
-    from nfjax.models import create_model
-    from nfjax.steps import make_train_step
-    from nfjax.train import create_train_state
+    from nfjax import parallel
+    from nfjax.config_lib import base_config
+    from nfjax.data import DatasetInfo
+    from nfjax.experiment import build_experiment
 
-    make_model = lambda rngs: create_model(name, num_classes=1000, rngs=rngs, **overrides)
-    cfg = optim.default_optim_config()
-    cfg.ema_decay = 0.0
-    tx, schedule = optim.build_optimizer(cfg, steps_per_epoch=100, total_steps=1000, global_batch=batch)
-    mesh = parallel.make_mesh(1)
-    graphdef, state, _ = create_train_state(make_model, tx, mesh, seed=0, use_ema=False)
-    loss_fn = make_loss_fn("softmax_xent")
-    step = jax.jit(make_train_step(graphdef, tx, schedule, loss_fn, cfg, seed=0, mesh=mesh), donate_argnums=0)
+    cfg = base_config(name, overrides)
+    cfg.optim.ema_decay = 0.0
+    cfg.train.update(global_batch=batch, total_steps=1000, compute_dtype=dtype)
+    info = DatasetInfo(100 * batch, 0, 1000, (image_size, image_size, 3), ())
+    exp = build_experiment(cfg, num_devices=1, info=info)
     rng = np.random.default_rng(0)
     data = dict(
         image=rng.standard_normal((batch, image_size, image_size, 3), np.float32),
         label=rng.integers(0, 1000, batch).astype(np.int32),
     )
-    return step, state, jax.device_put(data, parallel.batch_sharding(mesh))
+    return exp.train_step(), exp.create_state(), jax.device_put(data, parallel.batch_sharding(exp.mesh))
 
 
 def _progress(label: str, index: int, args, seconds: float) -> None:
@@ -101,7 +96,7 @@ def time_jax(args, overrides: dict) -> dict:
     import jax
 
     start = time.perf_counter()
-    step, state, batch = build_jax_step(args.model, args.image_size, args.batch, overrides)
+    step, state, batch = build_jax_step(args.model, args.image_size, args.batch, args.dtype, overrides)
     init_s = time.perf_counter() - start
     print(f"  nfjax: compiling the train step of {args.model} ...", file=sys.stderr)
     start = time.perf_counter()
@@ -215,6 +210,7 @@ def compare_timm(args) -> dict | None:
 def benchmark_train(args: argparse.Namespace) -> dict:
     """Runs the training-step benchmark; returns the report as a dict (also printed, or dumped with --json)."""
     import jax
+    import jax.numpy as jnp
 
     from nfjax.models import MODELS, list_models
     from nfjax.models.layers import resolve_grouped_impl
@@ -225,8 +221,9 @@ def benchmark_train(args: argparse.Namespace) -> dict:
     if args.steps < 1 or args.warmup < 0:
         args.error("--steps must be at least 1 and --warmup at least 0")
     load_before = os.getloadavg()[0]
-    overrides = model_overrides(args.model, args.dtype, args.grouped_impl)
-    macs = count_macs(abstract_model(args.model, num_classes=1000, **overrides), args.image_size)
+    overrides = model_overrides(args.model, args.grouped_impl)
+    dtype = {"dtype": jnp.bfloat16} if args.dtype == "bfloat16" else {}
+    macs = count_macs(abstract_model(args.model, num_classes=1000, **overrides, **dtype), args.image_size)
     train_gflop = 3 * 2 * macs * args.batch / 1e9
     rows = [time_jax(args, overrides)]
     if args.compare == "timm":

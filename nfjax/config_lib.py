@@ -1,23 +1,32 @@
-"""Shared pieces of the experiment configs, so that each file in configs/ stays a few lines of recipe.
+"""Experiment configs: the sections, and the one loader and parser for config files and command-line overrides.
 
-A config has four sections: ``model`` (name + constructor overrides), ``optim`` (nfjax.optim), ``data``
-(nfjax.data) and ``train`` (steps, batch, loss, logging, checkpoints), plus ``distributed``. Configs are
-locked: a mistyped key is an error that names the nearest valid keys.
+A config has five sections: ``model`` (name + constructor overrides), ``optim`` (defaults and validation in
+:mod:`nfjax.optim`), ``data`` (defaults in :mod:`nfjax.data.config`), ``train`` (steps, batch, loss, logging,
+checkpoints) and ``distributed``. Each section's defaults live next to the code that validates and reads it;
+:func:`base_config` assembles them. Configs are locked: a mistyped key is an error naming the nearest valid keys.
 
-Config files take an argument string ``key=value,key=value`` (big_vision style), e.g.
-``--config configs/nfnet_f0.py:dataset=cifar10,data_dir=/data/tfds``.
+Config files (``configs/*.py``) define ``get_config(arg=None)``; ``arg`` is the ``key=value,...`` string after
+the file name (big_vision style), parsed by :func:`parse_arg`. Command-line overrides ``--config.a.b=value`` are
+applied by :func:`apply_override`. Both parse values with :func:`parse_value`, the single string-to-value parser.
 """
 
 from __future__ import annotations
 
 import ast
-import difflib
+import importlib.util
+import os
 from typing import Any
 
 import ml_collections
 
-from nfjax.data import default_data_config, fashion_mnist_data_config
-from nfjax.optim import default_optim_config
+from nfjax.suggest import did_you_mean
+
+
+class ConfigError(ValueError):
+    """A config file, argument or override the user must fix; the message says what and how."""
+
+
+# ------------------------------------------------------------------------------------------------ sections
 
 
 def default_train_config() -> ml_collections.ConfigDict:
@@ -55,6 +64,9 @@ def default_distributed_config() -> ml_collections.ConfigDict:
 
 def base_config(model: str, model_kwargs: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
     """An unlocked config with every section at its default; recipes edit it, then call :func:`finalize`."""
+    from nfjax.data import default_data_config
+    from nfjax.optim import default_optim_config
+
     cfg = ml_collections.ConfigDict()
     cfg.model = ml_collections.ConfigDict(dict(name=model, kwargs=ml_collections.ConfigDict(model_kwargs or {})))
     cfg.optim = default_optim_config()
@@ -64,269 +76,111 @@ def base_config(model: str, model_kwargs: dict[str, Any] | None = None) -> ml_co
     return cfg
 
 
-def fashion_mnist_base(model: str, model_kwargs: dict[str, Any]) -> ml_collections.ConfigDict:
-    cfg = base_config(model, model_kwargs)
-    cfg.data = fashion_mnist_data_config()
-    return cfg
-
-
-def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
-    """Parses ``'a=1,b=foo,c=(1,2)'`` against typed defaults; unknown keys are an error naming valid ones."""
-    out = dict(defaults)
-    for item in filter(None, (arg or "").split(",")):
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep:
-            raise ValueError(f"config argument {item!r} must look like key=value")
-        if key not in defaults:
-            close = difflib.get_close_matches(key, defaults, n=3)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(f"unknown config argument {key!r}.{hint} Valid: {', '.join(sorted(defaults))}")
-        out[key] = _coerce(value.strip(), defaults[key], key)
-    return ml_collections.ConfigDict(out)
-
-
-def _coerce(value: str, default: Any, key: str) -> Any:
-    if isinstance(default, str) or default is None:
-        return value
-    if isinstance(default, bool):
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"config argument {key}={value!r}: expected true or false")
-        return value.lower() in ("true", "1")
-    try:
-        return type(default)(ast.literal_eval(value))
-    except (ValueError, SyntaxError, TypeError):
-        raise ValueError(f"config argument {key}={value!r}: expected a {type(default).__name__}") from None
-
-
 def finalize(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Locks the config (typos fail loudly) and returns it."""
     cfg.lock()
     return cfg
 
 
-# ------------------------------------------------------------------------------------------------ recipes
-
-IMAGENET_ARGS = dict(dataset="imagenet2012", data_dir="~/tensorflow_datasets", batch=0, epochs=0.0)
+# ------------------------------------------------------------------------------------------------ parsing
 
 
-def _apply_dataset_args(cfg: ml_collections.ConfigDict, args: ml_collections.ConfigDict) -> None:
-    """The ``:dataset=...,data_dir=...,batch=...,epochs=...`` arguments every ImageNet recipe takes."""
-    cfg.data.dataset, cfg.data.data_dir = args.dataset, args.data_dir
-    if args.dataset != "imagenet2012":
-        cfg.data.eval_split = "test"  # most TFDS classification datasets name their held-out split 'test'
-    if args.batch:
-        cfg.train.global_batch = args.batch
-    if args.epochs:
-        cfg.train.epochs = args.epochs
+def _literal(raw: str) -> Any:
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
 
 
-def nfnet_imagenet_config(variant: str, arg: str | None) -> ml_collections.ConfigDict:
-    """DeepMind's NFNet ImageNet recipe for one variant (F0..F7), data per the variant table."""
-    from nfjax.models import model_metadata
+def parse_value(raw: str, current: Any, where: str) -> Any:
+    """``raw`` (command-line text) as a value of the type of ``current``; ``where`` names it in errors.
 
-    args = parse_arg(arg, **IMAGENET_ARGS)
-    name = f"nfnet_{variant.lower()}"
-    meta = model_metadata(name)
-    cfg = base_config(name, dict(stochdepth_rate=0.25))
-    cfg.train.update(global_batch=4096, epochs=360.0, eval_every_epochs=10.0, checkpoint_every_steps=2000)
-    cfg.optim.update(
-        name="sgd",
-        base_lr=0.1,
-        momentum=0.9,
-        nesterov=True,
-        weight_decay=2e-5,
-        clipping="agc",
-        agc_lambda=0.01,
-        agc_eps=1e-3,
-        schedule="warmup_cosine",
-        warmup_epochs=5.0,
-        ema_decay=0.99999,
-    )
-    cfg.data.update(
-        image_size=meta["train_size"],
-        eval_image_size=meta["test_size"],
-        eval_preprocess="deepmind",
-        random_resized_crop=True,
-        flip=True,
-        randaugment_layers=4,
-        randaugment_variant="deepmind",
-        randaugment_magnitude=float(meta["ra_magnitude"]),
-        mixup_alpha=0.2,
-        cutmix_alpha=1.0,
-        mix_mode="deepmind",
-        label_smoothing=0.1,
-    )
-    _apply_dataset_args(cfg, args)
-    return finalize(cfg)
+    bool: true/false/1/0. str: as given. None (an untyped field): a Python literal, else the string.
+    int/float: a number (an int field refuses 2.5). tuple/list: a literal sequence. Anything else must be a
+    literal of the same type.
+    """
+    if isinstance(current, bool):
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise ConfigError(f"{where}={raw!r}: expected true or false")
+        return raw.lower() in ("true", "1")
+    if isinstance(current, str):
+        return raw
+    value = _literal(raw)
+    if current is None or value is None:
+        return value
+    if isinstance(current, (int, float)) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(current, int) and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{where}={raw!r}: expected an integer")
+        return type(current)(value)
+    if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)):
+        return type(current)(value)
+    if type(value) is not type(current):
+        raise ConfigError(f"{where}={raw!r}: expected a {type(current).__name__} like {current!r}")
+    return value
 
 
-def nf_resnet50_imagenet_config(arg: str | None) -> ml_collections.ConfigDict:
-    """NF-ResNet-50, 90 epochs of SGD-Nesterov + AGC at batch 1024 (label smoothing 0.1, cosine)."""
-    args = parse_arg(arg, **IMAGENET_ARGS)
-    cfg = base_config("nf_resnet50", dict(stochdepth_rate=0.1, drop_rate=0.25))
-    cfg.train.update(global_batch=1024, epochs=90.0, checkpoint_every_steps=2000)
-    cfg.optim.update(
-        name="sgd",
-        base_lr=0.1,
-        nesterov=True,
-        weight_decay=5e-5,
-        clipping="agc",
-        agc_lambda=0.01,
-        schedule="warmup_cosine",
-        warmup_epochs=5.0,
-        ema_decay=0.99999,
-    )
-    cfg.data.update(
-        image_size=224, eval_image_size=224, eval_preprocess="crop_pct", crop_pct=0.875, label_smoothing=0.1
-    )
-    _apply_dataset_args(cfg, args)
-    return finalize(cfg)
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """Parses a config file's argument ``'a=1,b=foo'`` against typed ``defaults``; unknown keys are an error."""
+    out = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ConfigError(f"config argument {item!r} must look like key=value")
+        if key not in defaults:
+            raise ConfigError(
+                f"unknown config argument {key!r}.{did_you_mean(key, defaults)} Valid: {', '.join(sorted(defaults))}"
+            )
+        out[key] = parse_value(raw.strip(), defaults[key], f"config argument {key}")
+    return ml_collections.ConfigDict(out)
 
 
-def resnet50_bn_imagenet_config(arg: str | None) -> ml_collections.ConfigDict:
-    """The classic BN ResNet-50 baseline: 90 epochs SGD momentum 0.9, lr 0.1 x batch/256, wd 1e-4, steps."""
-    args = parse_arg(arg, **IMAGENET_ARGS)
-    cfg = base_config("resnet50", dict(zero_init_last=False))
-    cfg.train.update(global_batch=256, epochs=90.0, checkpoint_every_steps=5000)
-    cfg.optim.update(
-        name="sgd",
-        base_lr=0.1,
-        nesterov=False,
-        weight_decay=1e-4,
-        clipping="none",
-        schedule="step",
-        warmup_epochs=0.0,
-        step_boundaries_epochs=(30.0, 60.0, 80.0),
-        step_decay_factor=0.1,
-        ema_decay=0.0,
-    )
-    cfg.data.update(image_size=224, eval_image_size=224, eval_preprocess="crop_pct", crop_pct=0.875)
-    _apply_dataset_args(cfg, args)
-    return finalize(cfg)
+def flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every leaf key of ``cfg`` as a dotted path."""
+    keys = []
+    for k, v in cfg.items():
+        keys += flat_keys(v, f"{prefix}{k}.") if isinstance(v, ml_collections.ConfigDict) else [f"{prefix}{k}"]
+    return keys
 
 
-RSB_RECIPES = {
-    "a1": dict(
-        epochs=600.0,
-        lr=5e-3,
-        wd=0.01,
-        smoothing=0.1,
-        bce_thresh=0.2,
-        mixup=0.2,
-        ra_m=7.0,
-        repeat=3,
-        drop_path=0.05,
-        train_px=224,
-    ),
-    "a2": dict(
-        epochs=300.0,
-        lr=5e-3,
-        wd=0.02,
-        smoothing=0.0,
-        bce_thresh=None,
-        mixup=0.1,
-        ra_m=7.0,
-        repeat=3,
-        drop_path=0.05,
-        train_px=224,
-    ),
-    "a3": dict(
-        epochs=100.0,
-        lr=8e-3,
-        wd=0.02,
-        smoothing=0.0,
-        bce_thresh=None,
-        mixup=0.1,
-        ra_m=6.0,
-        repeat=1,
-        drop_path=0.0,
-        train_px=160,
-    ),
-}
+def apply_override(cfg: ml_collections.ConfigDict, dotted: str, raw: str) -> None:
+    """Sets the existing field ``a.b.c`` from its command-line text. ``model.kwargs`` also takes new keys
+    (constructor arguments, checked when the model is built); any other unknown key names the nearest ones."""
+    parent_path, _, leaf = dotted.rpartition(".")
+    node = cfg
+    for part in filter(None, parent_path.split(".")):
+        node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        if isinstance(node, ml_collections.ConfigDict) and not node.is_locked and dotted.startswith("model.kwargs."):
+            node[leaf] = _literal(raw)
+            return
+        hint = did_you_mean(dotted, flat_keys(cfg), prefix="--config.")
+        raise ConfigError(f"unknown config key --config.{dotted}.{hint} Run with --print-config to see every key.")
+    node[leaf] = parse_value(raw, node[leaf], f"--config.{dotted}")
 
 
-def rsb_config(which: str, arg: str | None) -> ml_collections.ConfigDict:
-    """ResNet strikes back (Wightman et al. 2021) A1/A2/A3 for the BN ResNet-50: LAMB, BCE, cosine."""
-    r = RSB_RECIPES[which]
-    args = parse_arg(arg, **IMAGENET_ARGS)
-    cfg = base_config("resnet50", dict(stochdepth_rate=r["drop_path"], zero_init_last=True))
-    cfg.train.update(global_batch=2048, epochs=r["epochs"], loss="sigmoid_bce", checkpoint_every_steps=2000)
-    # lr is quoted at batch 2048; base_lr is per 256 so other batches scale linearly.
-    cfg.optim.update(
-        name="lamb",
-        base_lr=r["lr"] * 256 / 2048,
-        scale_lr_by_batch=True,
-        weight_decay=r["wd"],
-        decay_mode="decoupled",
-        eps=1e-6,
-        clipping="none",
-        schedule="warmup_cosine",
-        warmup_epochs=5.0,
-        ema_decay=0.0,
-    )
-    cfg.data.update(
-        image_size=r["train_px"],
-        eval_image_size=224,
-        eval_preprocess="crop_pct",
-        crop_pct=0.95,
-        randaugment_layers=2,
-        randaugment_variant="timm",
-        randaugment_magnitude=r["ra_m"],
-        randaugment_magnitude_std=0.5,
-        mixup_alpha=r["mixup"],
-        cutmix_alpha=1.0,
-        mix_mode="timm",
-        switch_prob=0.5,
-        label_smoothing=r["smoothing"],
-        repeated_aug=r["repeat"],
-    )
-    cfg.data.bce_target_thresh = r["bce_thresh"]
-    _apply_dataset_args(cfg, args)
-    return finalize(cfg)
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """``'configs/x.py:a=1,b=2'`` -> ``get_config('a=1,b=2')`` of that file."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found (give a path such as configs/fmnist_nf.py)")
+    module_spec = importlib.util.spec_from_file_location(f"nfjax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(
+            f"config file {path} is not valid Python: {e.msg} at line {e.lineno}"
+            f"{f': {e.text.strip()!r}' if e.text else ''}. Fix the file and rerun."
+        ) from None
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} has no get_config(arg=None) function")
+    return module.get_config(arg or None)
 
 
-# The small-image twins share one topology; the recipes below are identical for both apart from AGC,
-# which is part of the NF machinery (the BN twin trains unclipped, as BN ResNets do).
-FMNIST_TWIN = dict(widths=(48, 96, 192), depths=(1, 1, 1), strides=(2, 2, 2), stem_width=24)
-FMNIST_RECIPES = {
-    # main job: >= 91% top-1 within 10 minutes on a 2-core CPU, compile and evaluation included
-    "quick": dict(epochs=3.0, batch=256, lr=0.4, warmup=0.3, pad_crop=0, flip=False, ema=0.0),
-    # the longer comparison run: >= 94% for both twins
-    "long": dict(epochs=30.0, batch=256, lr=0.4, warmup=1.0, pad_crop=2, flip=True, ema=0.0),
-}
-
-
-def fashion_mnist_twin_config(model: str, arg: str | None) -> ml_collections.ConfigDict:
-    """Fashion-MNIST (offline, from the Debian package files) for the NF or BN small-image twin."""
-    args = parse_arg(arg, recipe="quick", data_dir="~/tensorflow_datasets", epochs=0.0, batch=0, seed=0)
-    if args.recipe not in FMNIST_RECIPES:
-        raise ValueError(f"unknown recipe {args.recipe!r}; valid: {', '.join(FMNIST_RECIPES)}")
-    r = FMNIST_RECIPES[args.recipe]
-    nf = model.startswith("nf")
-    cfg = base_config(model, dict(FMNIST_TWIN) | ({"stochdepth_rate": 0.0} if nf else {}))
-    cfg.data = fashion_mnist_data_config(args.data_dir)
-    cfg.data.update(pad_crop=r["pad_crop"], flip=r["flip"], label_smoothing=0.1, seed=args.seed)
-    epochs = args.epochs or r["epochs"]
-    cfg.train.update(
-        global_batch=args.batch or r["batch"],
-        epochs=epochs,
-        seed=args.seed,
-        log_every_steps=25,
-        eval_every_epochs=1.0 if epochs <= 10 else 2.0,
-        checkpoint_every_steps=500,
-        eval_batch=1000,
-    )
-    cfg.optim.update(
-        name="sgd",
-        base_lr=r["lr"],
-        nesterov=True,
-        weight_decay=5e-5,
-        schedule="warmup_cosine",
-        warmup_epochs=r["warmup"],
-        ema_decay=r["ema"],
-        clipping="agc" if nf else "none",
-        agc_lambda=0.08,
-        clip_exclude=(r"(^|/)classifier/kernel$", r"(^|/)skip_gain$"),
-    )
-    return finalize(cfg)
+def load_config(spec: str, overrides: list[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
+    """The config of ``--config SPEC`` with each ``--config.KEY=VALUE`` of ``overrides`` applied in order."""
+    cfg = load_config_file(spec)
+    for key, raw in overrides:
+        apply_override(cfg, key, raw)
+    return cfg

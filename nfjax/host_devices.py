@@ -16,6 +16,11 @@ FLAG = "--xla_force_host_platform_device_count"
 ENV = "NFJAX_HOST_DEVICES"  # an explicit count; 1 keeps XLA's single host device
 
 
+def cpu_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_host_devices(cpu_count: int | None = None) -> int:
     """The largest power of two <= min(cores, 8): global batches (multiples of 8) stay divisible by it."""
     cores = max(1, min(cpu_count or os.cpu_count() or 1, 8))

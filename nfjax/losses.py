@@ -1,10 +1,12 @@
 """Classification losses. Logits are cast to float32 first; every loss returns per-example values [N].
 
-Targets are either integer labels [N] or soft targets [N, C] (after MixUp/CutMix, label smoothing or BCE
-binarization in the input pipeline).
+Targets are either integer labels [N] or soft targets [N, C]. Label smoothing, MixUp/CutMix and the BCE target
+threshold are applied to the targets by the input pipeline (``label_probs``), so the losses take no such options.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,47 +21,30 @@ def _as_probs(targets: jax.Array, num_classes: int) -> jax.Array:
     return targets.astype(jnp.float32)
 
 
-def softmax_cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """-sum_c t_c log softmax(z)_c with t = (1 - s) * t + s / C (smoothing applied after mixing)."""
+def softmax_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """-sum_c t_c log softmax(z)_c."""
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), _as_probs(targets, logits.shape[-1]))
+
+
+def sigmoid_binary_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """BCE summed over classes (the RSB recipes): mean over classes * C as timm's BinaryCrossEntropy."""
     probs = _as_probs(targets, logits.shape[-1])
-    if label_smoothing:
-        probs = optax.smooth_labels(probs, label_smoothing)
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), probs)
+    return jnp.sum(optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), probs), axis=-1)
 
 
-def sigmoid_binary_cross_entropy(
-    logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0, target_threshold: float | None = None
-) -> jax.Array:
-    """BCE summed over classes (the RSB recipes): mean over classes * C as timm's BinaryCrossEntropy.
-
-    ``target_threshold`` binarizes (mixed) targets: t > threshold -> 1 else 0 (RSB A1 uses 0.2).
-    """
-    num_classes = logits.shape[-1]
-    probs = _as_probs(targets, num_classes)
-    if label_smoothing:
-        # timm: off = s / C, on = 1 - s + off, applied to one-hot targets before mixing; same values here.
-        probs = optax.smooth_labels(probs, label_smoothing)
-    if target_threshold is not None:
-        probs = (probs > target_threshold).astype(jnp.float32)
-    per_class = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), probs)
-    return jnp.sum(per_class, axis=-1)
-
-
-def focal_loss(logits: jax.Array, targets: jax.Array, gamma: float = 2.0, label_smoothing: float = 0.0) -> jax.Array:
+def focal_loss(logits: jax.Array, targets: jax.Array, gamma: float = 2.0) -> jax.Array:
     """Softmax focal loss (Lin et al. 2017): -sum_c t_c (1 - p_c)^gamma log p_c."""
     probs = _as_probs(targets, logits.shape[-1])
-    if label_smoothing:
-        probs = optax.smooth_labels(probs, label_smoothing)
     log_p = jax.nn.log_softmax(logits.astype(jnp.float32))
     return -jnp.sum(probs * jnp.power(1.0 - jnp.exp(log_p), gamma) * log_p, axis=-1)
 
 
-def make_loss_fn(name: str, *, label_smoothing: float = 0.0, bce_threshold: float | None = None, focal_gamma=2.0):
+def make_loss_fn(name: str, *, focal_gamma: float = 2.0) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """Returns loss(logits, targets) -> [N] for a config's ``train.loss``."""
     if name == "softmax_xent":
-        return lambda z, t: softmax_cross_entropy(z, t, label_smoothing)
+        return softmax_cross_entropy
     if name == "sigmoid_bce":
-        return lambda z, t: sigmoid_binary_cross_entropy(z, t, label_smoothing, bce_threshold)
+        return sigmoid_binary_cross_entropy
     if name == "focal":
-        return lambda z, t: focal_loss(z, t, focal_gamma, label_smoothing)
+        return lambda z, t: focal_loss(z, t, focal_gamma)
     raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")

@@ -12,13 +12,14 @@ For the DeepMind NFNet recipe (``name='sgd'``, ``clipping='agc'``, coupled decay
     4. g <- g + m * buf                 Nesterov
     5. p <- p - lr(t) * g               t = number of updates already applied (lr(0) = 0 with warmup)
 
-Masks select parameters by path (``'blocks/3/conv1/kernel'``) and rank, so they work on ``nnx.State`` and
-on plain nested dicts alike. Gradient accumulation and SAM live in :mod:`nfjax.optim_grads` and are
-re-exported here. See docs/optim.md for the full description and the table of config fields.
+:func:`build_optimizer` validates the section once and returns an :class:`Optimizer`, the one object that the
+train step reads. Masks by parameter path and AGC live in :mod:`nfjax.clipping`, gradient accumulation and SAM
+in :mod:`nfjax.optim_grads`; both are re-exported here. See docs/optim.md for the table of config fields.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -29,12 +30,29 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from nfjax.clipping import (
+    CLASSIFIER_KERNEL,
+    NO_DECAY_NAMES,
+    adaptive_clip,
+    clip_fraction,
+    clip_mask,
+    decay_mask,
+    param_path,
+    path_mask,
+    unitwise_norm,
+)
 from nfjax.optim_grads import accumulated_grads, sam_grads, sam_perturbations
+from nfjax.suggest import did_you_mean
 
 __all__ = [
+    "CLASSIFIER_KERNEL",
+    "NO_DECAY_NAMES",
+    "Optimizer",
     "accumulated_grads",
     "adaptive_clip",
     "build_optimizer",
+    "clip_fraction",
+    "clip_mask",
     "build_schedule",
     "decay_mask",
     "default_optim_config",
@@ -55,9 +73,6 @@ SCHEDULES = ("warmup_cosine", "step", "constant")
 CLIPPINGS = ("agc", "global_norm", "none")
 DECAY_MODES = ("coupled", "decoupled", "auto")
 LR_REFERENCE_BATCH = 256  # lr = base_lr * global_batch / 256 (Goyal et al.; DeepMind's lr_scale_by_bs)
-
-CLASSIFIER_KERNEL = r"(^|/)classifier/kernel$"
-NO_DECAY_NAMES = r"(^|/)(bias|scale|offset|gain|skip_gain)$"
 
 
 def default_optim_config() -> ml_collections.ConfigDict:
@@ -112,7 +127,8 @@ def _merge(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> ml_collections
     merged = default_optim_config()
     unknown = sorted(set(cfg.keys()) - set(merged.keys()))
     if unknown:
-        raise ValueError(f"unknown optim field(s) {unknown}; valid fields are {sorted(merged.keys())}.")
+        hint = did_you_mean(unknown[0], merged.keys(), prefix="optim.")
+        raise ValueError(f"unknown optim field(s) {unknown}.{hint} Valid fields are {sorted(merged.keys())}.")
     for key in cfg.keys():
         try:
             merged[key] = cfg[key]
@@ -203,79 +219,6 @@ def validate_optim_config(
     return c
 
 
-# ----------------------------------------------------------------------------- masks by path
-
-
-def param_path(keypath: Sequence[Any]) -> tuple[str | int, ...]:
-    """A JAX key path as plain keys: ``(DictKey('blocks'), SequenceKey(3), ...)`` -> ``('blocks', 3, ...)``.
-
-    The ``GetAttrKey('value')`` that an ``nnx.Variable`` node adds at the end is dropped, so an
-    ``nnx.State`` and the equivalent nested dict give the same paths.
-    """
-    keys = []
-    for k in keypath:
-        if isinstance(k, jax.tree_util.GetAttrKey):
-            if k.name != "value":
-                keys.append(k.name)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            keys.append(k.idx)
-        else:  # DictKey, FlattenedIndexKey
-            keys.append(k.key)
-    return tuple(keys)
-
-
-def path_mask(predicate: Callable[[tuple[str | int, ...], jax.Array], bool]) -> Callable[[Any], Any]:
-    """A mask function for ``optax.masked``: ``tree -> tree of bools``, ``predicate(path, leaf)``."""
-
-    def mask_fn(tree: Any) -> Any:
-        return jax.tree_util.tree_map_with_path(lambda kp, x: bool(predicate(param_path(kp), x)), tree)
-
-    return mask_fn
-
-
-def _matches(patterns: Sequence[str], path: tuple[str | int, ...]) -> bool:
-    joined = "/".join(str(k) for k in path)
-    return any(re.search(p, joined) for p in patterns)
-
-
-def clip_mask(exclude: Sequence[str] = (CLASSIFIER_KERNEL,)) -> Callable[[Any], Any]:
-    """True where AGC applies: every param whose path matches none of ``exclude``."""
-    return path_mask(lambda path, _: not _matches(exclude, path))
-
-
-def decay_mask(exclude: Sequence[str] = (NO_DECAY_NAMES,), min_ndim: int = 2) -> Callable[[Any], Any]:
-    """True where weight decay applies: ``ndim >= min_ndim`` and the path matches none of ``exclude``.
-
-    The defaults exempt gains, biases, skip_gain, BN scale/bias and every vector or scalar, and decay
-    conv/SE kernels and the classifier kernel.
-    """
-    return path_mask(lambda path, x: jnp.ndim(x) >= min_ndim and not _matches(exclude, path))
-
-
-# ----------------------------------------------------------------------------- AGC
-
-
-def unitwise_norm(x: jax.Array) -> jax.Array:
-    """L2 norm of each output unit, broadcast back to ``x.shape``.
-
-    ``optax.transforms.unitwise_norm`` matches the Flax layouts used here, so it is used as is:
-    scalars and (squeezed) vectors -> whole-tensor norm; rank 2 Dense ``(in, out)`` -> over axis 0;
-    rank 4 Conv ``HWIO`` (grouped: ``(H, W, I/groups, O)``) -> over axes (0, 1, 2). Rank 3 is reduced
-    over axis 0 only (multi-head Dense), which would be wrong for 1D-conv ``WIO`` kernels; no model
-    here has those.
-    """
-    return optax.transforms.unitwise_norm(x)
-
-
-def adaptive_clip(agc_lambda: float, eps: float, exclude: Sequence[str]) -> optax.GradientTransformation:
-    """AGC (Brock et al. 2021) on every param not matched by ``exclude``.
-
-    Per unit: ``g <- g * agc_lambda * max(|p|, eps) / |g|`` if ``|g| > agc_lambda * max(|p|, eps)``,
-    else ``g`` unchanged (bit-identical). This is ``optax.adaptive_grad_clip`` inside ``optax.masked``.
-    """
-    return optax.masked(optax.adaptive_grad_clip(agc_lambda, eps=eps), clip_mask(exclude))
-
-
 def _clipping(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
     if c.clipping == "agc":
         return adaptive_clip(c.agc_lambda, c.agc_eps, tuple(c.clip_exclude))
@@ -359,23 +302,75 @@ def _optimizer(c: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.Gradie
     return optax.chain(trace, decay, optax.scale_by_learning_rate(lr))  # SGDW
 
 
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """The ``optim`` section, validated once, and everything built from it: the one object the train step,
+    the trainer and the benchmarks read optimizer settings from.
+
+    ``tx = clipping -> weight decay -> optimizer -> -lr(t)``; ``tx.update(grads, state, params)`` needs
+    ``params`` (AGC and weight decay read them). Counts are optimizer steps: with ``accum_steps = k`` one
+    step averages the gradients of k micro-batches (:func:`accumulated_grads`), so clipping acts once per step.
+    """
+
+    config: ml_collections.ConfigDict  # the validated section, every field present
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def uses_ema(self) -> bool:
+        return self.config.ema_decay > 0
+
+    def init(self, params: Any) -> dict[str, Any]:
+        """The optimizer's part of a train state: ``opt_state`` (and ``ema`` when the EMA is on)."""
+        state = dict(opt_state=self.tx.init(params))
+        if self.uses_ema:
+            state["ema"] = init_ema(params)
+        return state
+
+    def gradients(self, grad_fn: Callable, params: Any, batch: Any, rng: jax.Array, mesh) -> tuple[Any, Any]:
+        """``(value, grads)`` of one optimizer step: SAM when ``sam_rho > 0``, else micro-batch accumulation
+        (plain ``grad_fn`` when ``accum_steps == 1``). ``grad_fn(params, batch, rng) -> (value, grads)``."""
+        c = self.config
+        if c.sam_rho > 0:
+            return sam_grads(grad_fn, params, batch, rho=c.sam_rho, fraction=c.sam_fraction, mesh=mesh, rng=rng)
+        return accumulated_grads(grad_fn, params, batch, c.accum_steps, rng=rng)
+
+    def apply(self, state: dict[str, Any], grads: Any) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+        """One update of the train state ``state`` (keys step, params, opt_state[, ema]) with ``grads``.
+
+        Returns the updated fields (step, params, opt_state[, ema]) and the optimizer's metrics: lr of this
+        step, global norms of gradient, new params and update, and the AGC clip fraction (0 without AGC).
+        """
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new = dict(step=state["step"] + 1, params=params, opt_state=opt_state)
+        if "ema" in state:
+            new["ema"] = update_ema(state["ema"], params, state["step"], self.config.ema_decay)
+        metrics = dict(
+            lr=self.schedule(state["step"]),
+            grad_norm=optax.tree.norm(grads),
+            param_norm=optax.tree.norm(params),
+            update_norm=optax.tree.norm(updates),
+            agc_clip_fraction=clip_fraction(opt_state),
+        )
+        return new, metrics
+
+
 def build_optimizer(
     cfg: Mapping[str, Any] | ml_collections.ConfigDict,
     *,
     steps_per_epoch: int,
     total_steps: int,
     global_batch: int,
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Validates ``cfg`` (the ``optim`` section), then returns ``(chain, lr_schedule)``.
-
-    ``chain = clipping -> weight decay -> optimizer -> -lr(t)``; ``tx.update(grads, state, params)``
-    needs ``params`` (AGC and weight decay read them). Counts are optimizer steps: with
-    ``accum_steps = k`` the trainer calls ``tx.update`` once per k micro-batches, on the averaged
-    gradient (see :func:`accumulated_grads`), so clipping acts once per step.
-    """
+) -> Optimizer:
+    """Validates ``cfg`` (the ``optim`` section, fields missing from it take their defaults) and builds the
+    :class:`Optimizer`. Raises ValueError naming the bad field before anything is computed."""
     c = validate_optim_config(cfg, steps_per_epoch=steps_per_epoch, total_steps=total_steps, global_batch=global_batch)
     schedule = build_schedule(c, steps_per_epoch=steps_per_epoch, total_steps=total_steps, global_batch=global_batch)
-    return optax.chain(_clipping(c), _optimizer(c, schedule)), schedule
+    tx = optax.chain(_clipping(c), _optimizer(c, schedule))
+    return Optimizer(c, tx, schedule, steps_per_epoch, total_steps)
 
 
 # ----------------------------------------------------------------------------- EMA

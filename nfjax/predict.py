@@ -15,19 +15,22 @@ import argparse
 import os
 import sys
 
+from nfjax.host_devices import configure_host_devices
+
+configure_host_devices()  # before JAX starts, as for training
+
 import jax
 import numpy as np
 
 from nfjax import parallel
 from nfjax.cli import run_parsed
-from nfjax.data import augment
+from nfjax.data import augment, source_info
 from nfjax.data.config import mean_std
 from nfjax.data.pipeline import batch_image_shape
 from nfjax.data.sources import make_source
 from nfjax.data.tf_lazy import import_tf
-from nfjax.evaluate import restore_run
+from nfjax.experiment import load_config, load_run
 from nfjax.steps import apply_model
-from nfjax.train import load_config
 
 
 class ImageReadError(ValueError):
@@ -49,7 +52,7 @@ def read_image(path: str, channels: int) -> np.ndarray:
 
 def preprocess(images: list[np.ndarray], data_cfg) -> np.ndarray:
     """uint8 [H, W, C] images -> float32 [N, S, S, C'] exactly as the eval pipeline prepares its batches."""
-    info = make_source(data_cfg, data_cfg.eval_split).info()
+    info = source_info(make_source(data_cfg, data_cfg.eval_split), data_cfg, train=False)
     channels = info.image_shape[-1]
     size = batch_image_shape(data_cfg, info, train=False)[0]
     mean, std = mean_std(data_cfg, channels)
@@ -68,15 +71,16 @@ def predict(workdir: str, paths: list[str], top_k: int = 5) -> list[list[tuple[s
     data_cfg = load_config(os.path.abspath(os.path.expanduser(workdir))).data
     channels = make_source(data_cfg, data_cfg.eval_split).info().image_shape[-1]
     images = [read_image(p, channels) for p in paths]  # unreadable files fail before the model is loaded
-    run = restore_run(workdir, num_devices=1)  # any number of images: no batch split over devices
-    batch = preprocess(images, run.cfg.data)
-    weights = run.state.get("ema", run.state["params"])
-    logits, _ = jax.jit(lambda p, s, x: apply_model(run.graphdef, p, s, x, train=False))(
-        weights, run.state.get("batch_stats", {}), batch
+    run = load_run(workdir, num_devices=1)  # any number of images: no batch split over devices
+    exp = run.experiment
+    batch = preprocess(images, exp.cfg.data)
+    weights = run.weights.get("ema", run.weights["params"])
+    logits, _ = jax.jit(lambda p, s, x: apply_model(exp.graphdef, p, s, x, train=False))(
+        weights, run.weights.get("batch_stats", {}), batch
     )
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
     k = min(top_k, probs.shape[-1])
-    names = run.info.class_names
+    names = exp.info.class_names
     return [[(names[i], float(row[i])) for i in np.argsort(-row)[:k]] for row in probs]
 
 

@@ -11,14 +11,12 @@ State (a dict of pure pytrees, so orbax, shardings and donation see ordinary arr
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
-from nfjax import optim
+from nfjax.optim import Optimizer
 
 
 def apply_model(graphdef, params, batch_stats, images, *, train: bool, key=None):
@@ -33,23 +31,6 @@ def _targets(batch: dict) -> jax.Array:
     return batch["label_probs"] if "label_probs" in batch else batch["label"]
 
 
-def agc_clip_fraction(grads, params, cfg) -> jax.Array:
-    """Fraction of clipped parameters: those whose unit's gradient norm exceeds lambda * max(|p|_u, eps)."""
-    if cfg.clipping != "agc":
-        return jnp.zeros((), jnp.float32)
-    mask = optim.clip_mask(tuple(cfg.clip_exclude))(params)
-
-    def clipped(g, p, m):
-        if not m:
-            return jnp.zeros((), jnp.float32), 0
-        limit = cfg.agc_lambda * jnp.maximum(optim.unitwise_norm(p), cfg.agc_eps)
-        return jnp.sum((optim.unitwise_norm(g) > limit).astype(jnp.float32)), g.size
-
-    pairs = jax.tree.leaves(jax.tree.map(clipped, grads, params, mask), is_leaf=lambda x: isinstance(x, tuple))
-    total = sum(n for _, n in pairs)
-    return sum(c for c, _ in pairs) / max(total, 1)
-
-
 def _largest_grad_index(grads) -> jax.Array:
     """Index (in tree-leaf order) of the parameter with the largest gradient norm; NaN/inf counts as largest."""
     norms = jnp.stack([jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)))) for g in jax.tree.leaves(grads)])
@@ -58,10 +39,8 @@ def _largest_grad_index(grads) -> jax.Array:
 
 def make_train_step(
     graphdef,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
+    optimizer: Optimizer,
     loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
-    optim_cfg,
     *,
     seed: int,
     mesh=None,
@@ -69,8 +48,9 @@ def make_train_step(
     """Builds ``step(state, batch) -> (state, metrics)`` (not yet jitted).
 
     RNG: ``fold_in(key(seed), step)``; stochastic depth and dropout draw one mask per example, so every device
-    and every step sees different masks. A non-finite loss leaves the state untouched (and is reported in
-    ``metrics['finite']``) so the last good state and checkpoint survive.
+    and every step sees different masks. Gradients (with accumulation or SAM), the update, the EMA and the
+    optimizer's metrics come from ``optimizer``. A non-finite loss leaves the state untouched (and is reported
+    in ``metrics['finite']``) so the last good state and checkpoint survive.
     """
 
     def grad_fn(params, batch, key, batch_stats):
@@ -82,36 +62,18 @@ def make_train_step(
 
         return jax.value_and_grad(loss, has_aux=True)(params)
 
-    def compute_grads(state, batch, key):
-        fn = lambda p, b, k: grad_fn(p, b, k, state.get("batch_stats", {}))
-        if optim_cfg.sam_rho > 0:
-            return optim.sam_grads(
-                fn, state["params"], batch, rho=optim_cfg.sam_rho, fraction=optim_cfg.sam_fraction, mesh=mesh, rng=key
-            )
-        return optim.accumulated_grads(fn, state["params"], batch, optim_cfg.accum_steps, rng=key)
-
     def step(state, batch):
         key = jax.random.fold_in(jax.random.key(seed), state["step"])
-        (loss, (new_stats, top1)), grads = compute_grads(state, batch, key)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+        fn = lambda p, b, k: grad_fn(p, b, k, state.get("batch_stats", {}))
+        (loss, (new_stats, top1)), grads = optimizer.gradients(fn, state["params"], batch, key, mesh)
+        updated, optimizer_metrics = optimizer.apply(state, grads)
+        new_state = dict(state, **updated)
         if "batch_stats" in state:
             new_state["batch_stats"] = new_stats
-        if "ema" in state:
-            new_state["ema"] = optim.update_ema(state["ema"], params, state["step"], optim_cfg.ema_decay)
         finite = jnp.isfinite(loss)
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
         metrics = dict(
-            loss=loss,
-            top1=top1,
-            lr=schedule(state["step"]),
-            finite=finite,
-            grad_norm=optax.tree.norm(grads),
-            param_norm=optax.tree.norm(params),
-            update_norm=optax.tree.norm(updates),
-            agc_clip_fraction=agc_clip_fraction(grads, state["params"], optim_cfg),
-            largest_grad_param=_largest_grad_index(grads),
+            loss=loss, top1=top1, finite=finite, largest_grad_param=_largest_grad_index(grads), **optimizer_metrics
         )
         return new_state, metrics
 
@@ -142,8 +104,3 @@ def make_eval_step(graphdef, loss_fn) -> Callable[[dict, dict, dict], dict]:
         )
 
     return eval_step
-
-
-def leaf_paths(tree: Any) -> list[str]:
-    """'/'-joined paths of the leaves of ``tree``, in ``jax.tree.leaves`` order."""
-    return ["/".join(str(p) for p in optim.param_path(kp)) for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]

@@ -19,11 +19,11 @@ from nfjax.models import create_model, model_metadata
 
 
 def signal_stats(name: str, image_size: int, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    family = model_metadata(name)["family"]
-    overrides = {"skipinit_gain": 1.0} if family.startswith("nf") else {"zero_init_last": False}
+    normalizer_free = model_metadata(name)["normalizer_free"]
+    overrides = {"skipinit_gain": 1.0} if normalizer_free else {"zero_init_last": False}
     model = create_model(name, num_classes=10, rngs=nnx.Rngs(seed), **overrides)
     x = jax.random.normal(jax.random.key(seed), (batch, image_size, image_size, 3))
-    forward = nnx.jit(lambda m, x: m(x, train=family == "resnet", return_stats=True)[1])
+    forward = nnx.jit(lambda m, x: m(x, train=not normalizer_free, return_stats=True)[1])
     return {k: np.asarray(v) for k, v in forward(model, x).items()}
 
 

@@ -55,6 +55,38 @@ def test_missing_tfds_dataset_fails_fast(tmp_path, name):
         assert "downloads/manual" in message and "ILSVRC2012_img_train.tar" in message
 
 
+def test_prepare_offline_dispatches_by_table(fmnist_dir, tmp_path, monkeypatch):
+    from nfjax.data.tf_lazy import import_tfds
+
+    assert data.OFFLINE_PREPARERS["fashion_mnist"] is data.prepare_fashion_mnist
+    cfg = data.fashion_mnist_data_config(fmnist_dir)
+    assert data.prepare_offline(cfg) is None  # already prepared: idempotent
+    assert import_tfds().builder("fashion_mnist", data_dir=fmnist_dir, try_gcs=False).is_prepared()
+    calls = []
+    monkeypatch.setitem(data.OFFLINE_PREPARERS, "fashion_mnist", lambda *args: calls.append(args) or "done")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg.data_dir = "~/tfds"
+    data.prepare_offline(cfg)
+    assert calls == [(str(tmp_path / "tfds"),)]  # called with the expanded data_dir
+    cfg.dataset, cfg.data_dir = "cifar10", str(tmp_path / "cifar")  # not offline: nothing happens, no network
+    start = time.perf_counter()
+    data.prepare_offline(cfg)
+    assert calls == [(str(tmp_path / "tfds"),)] and not (tmp_path / "cifar").exists()
+    assert time.perf_counter() - start < 1.0
+
+
+def test_prepare_cli_uses_the_table_and_source_dir(tmp_path, monkeypatch, capsys):
+    from nfjax.data import prepare
+
+    calls = []
+    monkeypatch.setitem(data.OFFLINE_PREPARERS, "fashion_mnist", lambda *args: calls.append(args) or "ready-dir")
+    assert prepare.main(["fashion_mnist", "--data-dir", "d", "--source-dir", "idx"]) == 0
+    assert prepare.main(["fashion_mnist", "--data-dir", "d"]) == 0
+    assert calls == [("d", "idx"), ("d",)] and "fashion_mnist ready in ready-dir" in capsys.readouterr().out
+    assert prepare.main(["cifar10", "--data-dir", str(tmp_path), "--source-dir", "idx"]) == 2
+    assert "--source-dir applies only to fashion_mnist" in capsys.readouterr().err
+
+
 def _write_folder(root, sizes=((20, 30), (24, 24), (40, 28)), per_class=10):
     """Class c: solid images of gray level 60 * c + 30, in varied sizes, alternating PNG and JPEG."""
     for c in range(3):

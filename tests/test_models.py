@@ -88,7 +88,18 @@ def test_model_table_covers_the_product():
         assert n in names
     for n in ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200"]:
         assert n in names
-    assert model_metadata("nfnet_f3") == {"family": "nfnet", "train_size": 320, "test_size": 416, "ra_magnitude": 15}
+    assert model_metadata("nfnet_f3") == {
+        "family": "nfnet",
+        "normalizer_free": True,
+        "train_size": 320,
+        "test_size": 416,
+        "ra_magnitude": 15,
+    }
+    assert [model_metadata(n)["normalizer_free"] for n in ("nf_resnet50", "resnet50", "nf_resnet_small")] == [
+        True,
+        False,
+        True,
+    ]
 
 
 def test_small_twins_share_topology():

@@ -262,10 +262,32 @@ def test_agc_mask_groups():
         np.testing.assert_allclose(np_unitwise_norm(c[name]), 0.01 * 1e-3, rtol=1e-5)
 
 
+def test_agc_reports_the_fraction_it_clipped_and_equals_optax():
+    """The clip fraction in the AGC state is the share of clipped parameters (NumPy count over the clipped
+    groups, head excluded); the clipped gradients equal optax.adaptive_grad_clip under optax.masked."""
+    _, params = split_model(zero_init=True)
+    grads = synthetic_grads(params, 0)
+    exclude = (optim.CLASSIFIER_KERNEL,)
+    clip = optim.adaptive_clip(0.01, 1e-3, exclude)
+    clipped, state = jax.jit(clip.update)(grads, clip.init(params), params)
+    g, p, mask = flat(grads), flat(params), flat(optim.clip_mask(exclude)(params))
+    hits = [np.sum(np_unitwise_norm(g[k]) >= 0.01 * np.maximum(np_unitwise_norm(p[k]), 1e-3)) for k in g if mask[k]]
+    expected = sum(hits) / sum(g[k].size for k in g if mask[k])
+    assert 0 < expected < 1
+    assert float(optim.clip_fraction(state)) == pytest.approx(expected, rel=1e-6)
+    reference = optax.masked(optax.adaptive_grad_clip(0.01, eps=1e-3), optim.clip_mask(exclude))
+    ref, _ = jax.jit(reference.update)(grads, reference.init(params), params)
+    for a, b in zip(jax.tree.leaves(clipped), jax.tree.leaves(ref), strict=True):
+        assert np.array_equal(a, b)
+    chain = optim.build_optimizer({"clipping": "none"}, steps_per_epoch=10, total_steps=100, global_batch=256).tx
+    assert float(optim.clip_fraction(chain.init(params))) == 0.0  # no AGC in the chain: reported as 0
+
+
 def test_sgd_agc_three_steps_match_numpy_reference():
     _, params = split_model(zero_init=True)
     cfg = config(weight_decay=0.05, warmup_steps=1)
-    tx, schedule = optim.build_optimizer(cfg, steps_per_epoch=2, total_steps=6, global_batch=512)
+    opt = optim.build_optimizer(cfg, steps_per_epoch=2, total_steps=6, global_batch=512)
+    tx, schedule = opt.tx, opt.schedule
     state, new = tx.init(params), params
     step = jax.jit(lambda g, s, p: tx.update(g, s, p))
     grads_seq = [synthetic_grads(params, t) for t in range(3)]
@@ -303,7 +325,7 @@ def test_rsb_a2_lamb_hyper_parameters_from_config_dict():
     spe, epochs = 625, 300  # ImageNet-1k at batch 2048
     cfg = optim.validate_optim_config(rsb_a2, steps_per_epoch=spe, total_steps=epochs * spe, global_batch=2048)
     assert cfg.decay_mode == "auto" and cfg.b1 == 0.9 and cfg.b2 == 0.999
-    _, sched = optim.build_optimizer(rsb_a2, steps_per_epoch=spe, total_steps=epochs * spe, global_batch=2048)
+    sched = optim.build_optimizer(rsb_a2, steps_per_epoch=spe, total_steps=epochs * spe, global_batch=2048).schedule
     total, warmup = epochs * spe, 5 * spe
     assert float(sched(0)) == 0.0
     assert float(sched(warmup)) == pytest.approx(5e-3, rel=1e-6)
@@ -312,7 +334,7 @@ def test_rsb_a2_lamb_hyper_parameters_from_config_dict():
         np_warmup_cosine(total - 1, 5e-3, warmup, total), rel=1e-3, abs=1e-12
     )
     assert float(sched(total)) == pytest.approx(0.0, abs=1e-10)
-    _, half = optim.build_optimizer(rsb_a2, steps_per_epoch=spe, total_steps=total, global_batch=1024)
+    half = optim.build_optimizer(rsb_a2, steps_per_epoch=spe, total_steps=total, global_batch=1024).schedule
     assert float(half(warmup)) == pytest.approx(2.5e-3, rel=1e-6)
 
 
@@ -336,7 +358,7 @@ def test_lamb_step_matches_reference():
         max_grad_norm=1.0,
         eps=1e-6,
     )
-    tx, _ = optim.build_optimizer(cfg, steps_per_epoch=1, total_steps=10, global_batch=256)
+    tx = optim.build_optimizer(cfg, steps_per_epoch=1, total_steps=10, global_batch=256).tx
     state, new, p = tx.init(params), params, flat(params)
     mu, nu = {k: 0.0 for k in p}, {k: 0.0 for k in p}
     for t in range(1, 3):
@@ -410,7 +432,7 @@ def test_accumulated_microbatches_equal_full_batch():
     assert float(acc_loss) == pytest.approx(float(loss), rel=1e-5)
     assert float(acc_aux["accuracy"]) == pytest.approx(float(aux["accuracy"]))
     assert_trees_close(acc, full)
-    tx, _ = optim.build_optimizer(config(warmup_steps=1), steps_per_epoch=5, total_steps=10, global_batch=16)
+    tx = optim.build_optimizer(config(warmup_steps=1), steps_per_epoch=5, total_steps=10, global_batch=16).tx
     update = jax.jit(tx.update)
     state = update(full, tx.init(params), params)[1]  # step 0 has lr 0; compare the second update
     assert_trees_close(update(acc, state, params)[0], update(full, state, params)[0])
@@ -453,9 +475,9 @@ def run_steps(step, params, state, batches):
 def test_data_parallel_step_on_8_devices_equals_1_device():
     assert jax.device_count() == 8
     graphdef, params = split_model(zero_init=False)
-    tx, _ = optim.build_optimizer(
+    tx = optim.build_optimizer(
         config(warmup_steps=1, base_lr=1.0), steps_per_epoch=3, total_steps=9, global_batch=32
-    )
+    ).tx
     step = make_train_step(graphdef, tx, accum_steps=2)
     batches = [make_batch(32, seed) for seed in range(2)]
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -599,5 +621,5 @@ def test_default_config_is_the_deepmind_recipe():
     c = optim.default_optim_config()
     assert (c.name, c.base_lr, c.momentum, c.nesterov, c.weight_decay) == ("sgd", 0.1, 0.9, True, 2e-5)
     assert (c.clipping, c.agc_lambda, c.agc_eps, c.ema_decay, c.sam_fraction) == ("agc", 0.01, 1e-3, 0.99999, 0.2)
-    _, sched4096 = optim.build_optimizer(c, steps_per_epoch=312, total_steps=360 * 312, global_batch=4096)
+    sched4096 = optim.build_optimizer(c, steps_per_epoch=312, total_steps=360 * 312, global_batch=4096).schedule
     assert float(sched4096(5 * 312)) == pytest.approx(1.6, rel=1e-6)

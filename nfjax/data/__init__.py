@@ -9,12 +9,16 @@ API (``cfg`` is the ``data`` ConfigDict from ``default_data_config()``; every fi
   fashion_mnist_data_config(data_dir) -> ConfigDict           # native 28x28x1, pad-crop + flip, NumPy path
   dataset_info(cfg) -> DatasetInfo(num_train_examples, num_eval_examples, num_classes, image_shape,
                                    class_names)              # metadata only, cheap
+  source_info(source, cfg, train=True) -> SourceInfo         # image folder without image_size: common
+                                                             # (H, W) from the image headers, or ValueError
   build_train_iterator(cfg, *, global_batch, mesh=None, start_step=0, seed=None,
                        process_index=None, process_count=None, device_count=None) -> Iterator[dict]
   build_eval_iterator(cfg, *, global_batch, split=None, mesh=None,
                       process_index=None, process_count=None, device_count=None) -> Iterator[dict]
   to_global_batch(batch, mesh, data_axis='data') -> dict[str, jax.Array]
   prepare_fashion_mnist(data_dir, source_dir='/usr/share/datasets/fashion-mnist') -> str
+  OFFLINE_PREPARERS: dict[name, (data_dir, source_dir=default) -> str]   # datasets prepared from local files
+  prepare_offline(cfg) -> None     # runs OFFLINE_PREPARERS[cfg.dataset] on cfg.data_dir if present, else no-op
   (CLI: python -m nfjax.data.prepare fashion_mnist --data-dir DIR)
 
 Batches are dicts of host NumPy arrays (or global jax Arrays when ``mesh`` is given), b = local batch:
@@ -27,13 +31,15 @@ Training batch ``start_step`` of a resumed pipeline equals the batch at that ste
 
 from nfjax.data.config import default_data_config, fashion_mnist_data_config
 from nfjax.data.fashion_mnist import prepare_fashion_mnist
-from nfjax.data.pipeline import DatasetInfo, build_eval_iterator, build_train_iterator, dataset_info
+from nfjax.data.offline import OFFLINE_PREPARERS, prepare_offline
+from nfjax.data.pipeline import DatasetInfo, build_eval_iterator, build_train_iterator, dataset_info, source_info
 from nfjax.data.sharding import check_global_batch, to_global_batch
 from nfjax.data.sources import DatasetNotFoundError
 
 __all__ = [
     "DatasetInfo",
     "DatasetNotFoundError",
+    "OFFLINE_PREPARERS",
     "build_eval_iterator",
     "build_train_iterator",
     "check_global_batch",
@@ -41,5 +47,7 @@ __all__ = [
     "default_data_config",
     "fashion_mnist_data_config",
     "prepare_fashion_mnist",
+    "prepare_offline",
+    "source_info",
     "to_global_batch",
 ]

@@ -10,7 +10,7 @@ import numpy as np
 
 from nfjax.data import sharding
 
-AUG_SALT, MIX_SALT = 0xA06, 0x31C
+AUG_SALT = 0xA06  # seeds pad-crop/flip: [seed, AUG_SALT, step, process_index]
 
 
 def pad_and_random_crop(images: np.ndarray, padding: int, rng: np.random.Generator) -> np.ndarray:

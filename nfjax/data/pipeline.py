@@ -7,6 +7,7 @@ memory (``cache_in_memory``/``max_in_memory_bytes``) and every requested augment
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import queue
 import threading
@@ -18,9 +19,9 @@ import numpy as np
 from nfjax.data import numpy_backend, sharding, tfdata_backend
 from nfjax.data.config import mean_std
 from nfjax.data.mix import mix_batch, needs_label_probs
-from nfjax.data.sources import SourceInfo, make_source
+from nfjax.data.sources import ImageFolderSource, SourceInfo, make_source
 
-MIX_SALT = 0x31C
+MIX_SALT = 0x31C  # seeds MixUp/CutMix: [seed, MIX_SALT, step, process_index]
 
 
 class DatasetInfo(NamedTuple):
@@ -33,15 +34,38 @@ class DatasetInfo(NamedTuple):
     class_names: tuple[str, ...]
 
 
+def source_info(source, cfg, train: bool = True) -> SourceInfo:
+    """``source.info()``; when the native size is needed (no image_size set) and the source is an image
+    folder, H and W come from its image headers (read once, cached): every image must share one size."""
+    info = source.info()
+    requested = cfg.image_size if train else (cfg.eval_image_size or cfg.image_size)
+    if requested is None and info.image_shape[0] is None and isinstance(source, ImageFolderSource):
+        info = dataclasses.replace(info, image_shape=(*source.common_image_size(), info.image_shape[-1]))
+    return info
+
+
+def _native_size(cfg, info: SourceInfo) -> int | None:
+    """The stored side length of square images; None when sizes vary; ValueError for non-square ones."""
+    height, width = info.image_shape[:2]
+    if height != width:
+        raise ValueError(
+            f"images of '{cfg.dataset}' are {height}x{width} (height x width), not square: set data.image_size "
+            f"(e.g. --config.data.image_size={min(height, width)})"
+        )
+    return None if height is None else int(height)
+
+
 def _train_size(cfg, info: SourceInfo) -> int:
-    size = cfg.image_size or info.image_shape[0]
+    size = cfg.image_size or _native_size(cfg, info)
     if size is None:
-        raise ValueError(f"images of '{cfg.dataset}' vary in size: set data.image_size")
+        raise ValueError(
+            f"images of '{cfg.dataset}' vary in size: set data.image_size (e.g. --config.data.image_size=224)"
+        )
     return int(size)
 
 
 def _eval_size(cfg, info: SourceInfo) -> int | None:
-    return cfg.eval_image_size or cfg.image_size or info.image_shape[0]
+    return cfg.eval_image_size or cfg.image_size or _native_size(cfg, info)
 
 
 def batch_image_shape(cfg, info: SourceInfo, train: bool = True) -> tuple[int, int, int]:
@@ -52,8 +76,10 @@ def batch_image_shape(cfg, info: SourceInfo, train: bool = True) -> tuple[int, i
 
 
 def dataset_info(cfg) -> DatasetInfo:
-    """Example counts, classes and batch image shape from the dataset's metadata (no image is read)."""
-    train, evaluation = make_source(cfg, cfg.train_split).info(), make_source(cfg, cfg.eval_split).info()
+    """Example counts, classes and batch image shape from the dataset's metadata (no pixel is decoded; an
+    image folder without data.image_size has its image headers read once, see ``source_info``)."""
+    train = source_info(make_source(cfg, cfg.train_split), cfg)
+    evaluation = make_source(cfg, cfg.eval_split).info()
     return DatasetInfo(
         num_train_examples=cfg.num_train_examples or train.num_examples,
         num_eval_examples=evaluation.num_examples,
@@ -126,7 +152,8 @@ def build_train_iterator(
     plan = _plan(global_batch, mesh, process_index, process_count, device_count)
     seed = cfg.seed if seed is None else seed
     source = make_source(cfg, cfg.train_split)
-    info = source.info()
+    info = source_info(source, cfg)
+    size = _train_size(cfg, info)  # checked on both paths: fails early when no size can be used
     num_examples = cfg.num_train_examples or info.num_examples
     mean, std = mean_std(cfg, info.image_shape[-1])
     if resolve_backend(cfg, info, train=True) == "numpy":
@@ -134,7 +161,7 @@ def build_train_iterator(
             source.load_arrays(), cfg, plan, num_examples, seed, start_step, mean, std
         )
     else:
-        transform = tfdata_backend.make_train_transform(cfg, info.image_shape[-1], _train_size(cfg, info), mean, std)
+        transform = tfdata_backend.make_train_transform(cfg, info.image_shape[-1], size, mean, std)
         args = (cfg, plan, num_examples, seed, start_step, transform)
         if fits_in_memory(cfg, info):
             batches = tfdata_backend.in_memory_train_batches(source.load_arrays(), *args)
@@ -168,7 +195,7 @@ def build_eval_iterator(
     """
     plan = _plan(global_batch, mesh, process_index, process_count, device_count)
     source = make_source(cfg, split or cfg.eval_split)
-    info = source.info()
+    info = source_info(source, cfg, train=False)
     mean, std = mean_std(cfg, info.image_shape[-1])
     if resolve_backend(cfg, info, train=False) == "numpy":
         batches = numpy_backend.eval_batches(source.load_arrays(), cfg, plan, mean, std)

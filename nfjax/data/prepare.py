@@ -13,7 +13,8 @@ import re
 import sys
 from collections.abc import Sequence
 
-from nfjax.data.fashion_mnist import DEBIAN_SOURCE_DIR, prepare_fashion_mnist
+from nfjax.data.fashion_mnist import DEBIAN_SOURCE_DIR
+from nfjax.data.offline import OFFLINE_PREPARERS
 from nfjax.data.tf_lazy import import_tfds
 
 
@@ -29,17 +30,28 @@ def prepare_tfds(name: str, data_dir: str) -> str:
     return str(builder.data_dir)
 
 
+def prepare_dataset(name: str, data_dir: str, source_dir: str | None = None) -> str:
+    """Prepares ``name`` offline when OFFLINE_PREPARERS has it (from ``source_dir`` if given), else with TFDS."""
+    preparer = OFFLINE_PREPARERS.get(name)
+    if preparer is None:
+        if source_dir is not None:
+            raise ValueError(f"--source-dir applies only to {', '.join(sorted(OFFLINE_PREPARERS))}")
+        return prepare_tfds(name, data_dir)
+    return preparer(data_dir) if source_dir is None else preparer(data_dir, source_dir)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", help="TFDS name, e.g. fashion_mnist, imagenet2012, cifar10")
     parser.add_argument("--data-dir", default="~/tensorflow_datasets")
-    parser.add_argument("--source-dir", default=DEBIAN_SOURCE_DIR, help="fashion_mnist: folder of IDX files")
+    parser.add_argument(
+        "--source-dir",
+        help=f"offline datasets ({', '.join(sorted(OFFLINE_PREPARERS))}): folder of the local files "
+        f"(fashion_mnist: IDX files, default {DEBIAN_SOURCE_DIR})",
+    )
     args = parser.parse_args(argv)
     try:
-        if args.dataset == "fashion_mnist":
-            path = prepare_fashion_mnist(args.data_dir, args.source_dir)
-        else:
-            path = prepare_tfds(args.dataset, args.data_dir)
+        path = prepare_dataset(args.dataset, args.data_dir, args.source_dir)
     except (AssertionError, OSError, ValueError) as e:  # TFDS reports a missing/empty manual_dir by assertion
         reason = " ".join(str(e).split())
         if type(e).__name__ == "DatasetNotFoundError":  # TFDS appends its whole catalog: keep its suggestion only

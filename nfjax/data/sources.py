@@ -6,6 +6,8 @@ Every source exposes the same three things, so one pipeline serves all of them:
                            image is the *encoded* file (JPEG/PNG bytes, decoded later so that JPEG decoding
                            can be fused with the random crop);
   ``load_arrays()``     -> (images uint8 [N, H, W, C], labels int32 [N]), the whole split decoded in memory.
+An image folder's ``info()`` reports H, W = None (sizes unknown until read); ``common_image_size()`` reads the
+image headers (not the pixels) when the pipeline needs the native size.
 """
 
 from __future__ import annotations
@@ -144,6 +146,10 @@ class ImageFolderSource:
     def info(self) -> SourceInfo:
         return SourceInfo(len(self.paths), len(self.class_names), (None, None, 3), self.class_names)
 
+    def common_image_size(self) -> tuple[int, int]:
+        """(H, W) shared by every image of the split, from the file headers; ValueError when sizes vary."""
+        return common_image_size(tuple(self.paths))
+
     def tf_dataset(self, start: int, end: int):
         tf = import_tf()
         ds = tf.data.Dataset.from_tensor_slices((self.paths[start:end], self.labels[start:end]))
@@ -156,6 +162,32 @@ class ImageFolderSource:
         if len({im.shape for im in images}) > 1:
             raise ValueError(f"images in {self.root} differ in size; use backend 'tfdata' to resize them")
         return np.stack(images), self.labels.copy()
+
+
+def _header_size(path: str) -> tuple[int, int]:
+    """(H, W) of an image file from its header: PIL opens files lazily and decodes no pixel here."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        width, height = image.size
+    return height, width
+
+
+@functools.lru_cache(maxsize=8)
+def common_image_size(paths: tuple[str, ...]) -> tuple[int, int]:
+    """(H, W) shared by the images at ``paths``, from their headers; cached, so a split is scanned once per
+    process. Stops at the first image whose size differs from the first one: ValueError naming both files."""
+    if not paths:
+        raise ValueError("no images to take the size from")
+    first = _header_size(paths[0])
+    for path in paths[1:]:
+        size = _header_size(path)
+        if size != first:
+            raise ValueError(
+                f"image sizes vary: {paths[0]} is {first[0]}x{first[1]} but {path} is {size[0]}x{size[1]} "
+                "(height x width); set data.image_size to resize them (e.g. --config.data.image_size=224)"
+            )
+    return first
 
 
 def _list_image_folder(root: Path, split: str, holdout_fraction: float):

@@ -18,6 +18,7 @@ from flax import nnx
 from nfjax.models.nf_resnet import NF_RESNET_DEPTHS, NFResNet
 from nfjax.models.nfnet import NFNET_PLUS_WIDTHS, NFNET_VARIANTS, NFNET_WIDTHS, NFNet
 from nfjax.models.resnet import BASIC_WIDTHS, BOTTLENECK_WIDTHS, RESNET_LAYOUTS, ResNet
+from nfjax.suggest import did_you_mean
 
 # Small-image twins (28-32 px): identical topology, one NF, one BN. 3x3 stride-1 stem, no max-pool,
 # three stages of basic blocks.
@@ -29,7 +30,8 @@ SMALL_TWIN = dict(
 def _nfnet_rows() -> dict[str, tuple[type, dict, dict]]:
     rows = {}
     for variant, v in NFNET_VARIANTS.items():
-        meta = {k: v[k] for k in ("train_size", "test_size", "ra_magnitude")} | {"family": "nfnet"}
+        meta = {k: v[k] for k in ("train_size", "test_size", "ra_magnitude")}
+        meta |= {"family": "nfnet", "normalizer_free": True}
         base = dict(depths=v["depths"], drop_rate=v["drop_rate"])
         rows[f"nfnet_{variant.lower()}"] = (NFNet, base | dict(widths=NFNET_WIDTHS), meta)
         rows[f"nfnet_{variant.lower()}plus"] = (NFNet, base | dict(widths=NFNET_PLUS_WIDTHS), meta)
@@ -39,23 +41,24 @@ def _nfnet_rows() -> dict[str, tuple[type, dict, dict]]:
 def _resnet_rows() -> dict[str, tuple[type, dict, dict]]:
     rows = {}
     meta = {"train_size": 224, "test_size": 224}
+    nf, bn = {"family": "nf_resnet", "normalizer_free": True}, {"family": "resnet", "normalizer_free": False}
     for depth, blocks in NF_RESNET_DEPTHS.items():
-        rows[f"nf_resnet{depth}"] = (NFResNet, dict(depths=blocks), meta | {"family": "nf_resnet"})
+        rows[f"nf_resnet{depth}"] = (NFResNet, dict(depths=blocks), meta | nf)
     rows["nf_seresnet50"] = (
         NFResNet,
         dict(depths=NF_RESNET_DEPTHS[50], se_ratio=0.25),
-        meta | {"family": "nf_resnet"},
+        meta | nf,
     )
     for depth, (block, blocks) in RESNET_LAYOUTS.items():
         widths = BASIC_WIDTHS if block == "basic" else BOTTLENECK_WIDTHS
         rows[f"resnet{depth}"] = (
             ResNet,
             dict(depths=blocks, widths=widths, block=block),
-            meta | {"family": "resnet"},
+            meta | bn,
         )
     small = {"train_size": 28, "test_size": 28}
-    rows["nf_resnet_small"] = (NFResNet, dict(SMALL_TWIN), small | {"family": "nf_resnet"})
-    rows["resnet_small"] = (ResNet, dict(SMALL_TWIN), small | {"family": "resnet"})
+    rows["nf_resnet_small"] = (NFResNet, dict(SMALL_TWIN), small | nf)
+    rows["resnet_small"] = (ResNet, dict(SMALL_TWIN), small | bn)
     return rows
 
 
@@ -68,24 +71,14 @@ def list_models() -> list[str]:
 
 
 def model_metadata(name: str) -> dict[str, Any]:
-    """Recipe facts of a model: family, train_size, test_size (and ra_magnitude for NFNets)."""
+    """Facts of a model: family, normalizer_free, train_size, test_size (and ra_magnitude for NFNets)."""
     _check_name(name)
     return dict(MODELS[name][2])
 
 
-def model_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
-    """The constructor arguments :func:`create_model` would use."""
-    _check_name(name)
-    return {**MODELS[name][1], **overrides}
-
-
 def _check_name(name: str) -> None:
     if name not in MODELS:
-        import difflib
-
-        close = difflib.get_close_matches(name, MODELS, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model {name!r}.{hint} Valid names: {', '.join(list_models())}")
+        raise ValueError(f"unknown model {name!r}.{did_you_mean(name, MODELS)} Valid names: {', '.join(list_models())}")
 
 
 def create_model(
@@ -117,6 +110,5 @@ __all__ = [
     "ResNet",
     "create_model",
     "list_models",
-    "model_kwargs",
     "model_metadata",
 ]

@@ -1,0 +1,307 @@
+"""One description of a run, built once from a config; training, evaluation, prediction and the benchmarks
+consume it and none re-derives it.
+
+    exp = build_experiment(cfg)              # dataset info, mesh, model, schedule lengths; validates cfg.train
+    exp.optimizer                            # built on first use only (training, benchmarks)
+    state = exp.create_state()               # or exp.restore_state(checkpointer)
+    step_fn, eval_fn = exp.train_step(), exp.eval_step()
+
+    run = load_run(workdir)                  # evaluation / prediction: config + weights, no optimizer
+    run.experiment.evaluate(run.weights)     # top-1/top-5/loss of params (and EMA) over the eval split
+
+The train state is a dict of plain pytrees (see :mod:`nfjax.steps`); ``weights`` is its params / batch_stats /
+ema part, which is all that evaluation and prediction restore (:meth:`nfjax.checkpoint.Checkpointer.restore_weights`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from nfjax import data as data_lib
+from nfjax import optim, parallel
+from nfjax.checkpoint import Checkpointer, abstract_like, check_compatible
+from nfjax.losses import LOSSES, make_loss_fn
+from nfjax.models import create_model, model_metadata
+from nfjax.steps import make_eval_step, make_train_step
+
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+class RunError(RuntimeError):
+    """A run stopped for a reason the user must act on (non-finite loss, wrong example count, ...)."""
+
+
+def compute_dtype(name: str):
+    """'auto': bfloat16 on GPU/TPU, float32 on CPU (bf16 is slower than f32 on CPU). None means float32."""
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"train.compute_dtype must be one of {', '.join(map(repr, COMPUTE_DTYPES))}, got {name!r}")
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else None
+    return jnp.bfloat16 if name == "bfloat16" else None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The model of a run: what builds it and what identifies it in a checkpoint."""
+
+    name: str
+    kwargs: dict[str, Any]  # the config's constructor overrides (JSON values)
+    num_classes: int
+    in_channels: int
+    dtype: Any = None  # compute dtype; None: float32
+
+    @property
+    def normalizer_free(self) -> bool:
+        return model_metadata(self.name)["normalizer_free"]
+
+    def build(self, rngs: nnx.Rngs) -> nnx.Module:
+        extra = {"dtype": self.dtype} if self.dtype is not None else {}
+        return create_model(self.name, self.num_classes, self.in_channels, rngs=rngs, **self.kwargs, **extra)
+
+    def identity(self) -> dict[str, Any]:
+        """Stored in every checkpoint and compared on resume and restore."""
+        return dict(
+            model=self.name, model_kwargs=self.kwargs, num_classes=self.num_classes, in_channels=self.in_channels
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Lengths:
+    """Schedule lengths in optimizer steps."""
+
+    steps_per_epoch: int
+    total_steps: int
+    eval_every: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSpec:
+    """The train state before it exists: ``init(key)`` builds it; ``abstract`` (ShapeDtypeStructs) and
+    ``shardings`` are the restore target."""
+
+    init: Callable[[jax.Array], dict]
+    abstract: dict
+    shardings: dict
+
+
+def _lengths(train_cfg: ml_collections.ConfigDict, info: data_lib.DatasetInfo) -> Lengths:
+    steps_per_epoch = info.num_train_examples // train_cfg.global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"train.global_batch={train_cfg.global_batch} exceeds the {info.num_train_examples} "
+            "training examples; use a smaller batch"
+        )
+    total = train_cfg.total_steps or max(1, round(train_cfg.epochs * steps_per_epoch))
+    every = train_cfg.eval_every_steps or max(1, round(train_cfg.eval_every_epochs * steps_per_epoch))
+    return Lengths(steps_per_epoch, total, every)
+
+
+def _check_train(train_cfg: ml_collections.ConfigDict) -> None:
+    if train_cfg.loss not in LOSSES:
+        raise ValueError(f"train.loss={train_cfg.loss!r} is invalid; valid: {', '.join(LOSSES)}")
+    for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        if train_cfg[field] < 1:
+            raise ValueError(f"train.{field}={train_cfg[field]} is invalid: must be >= 1")
+
+
+class Experiment:
+    """A run assembled from its config: data info, mesh, model, schedule lengths, and, built on first use,
+    the optimizer, the state spec and the jitted steps."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, info: data_lib.DatasetInfo, mesh: jax.sharding.Mesh):
+        self.cfg, self.info, self.mesh = cfg, info, mesh
+        kwargs = json.loads(json.dumps(cfg.model.kwargs.to_dict()))
+        dtype = compute_dtype(cfg.train.compute_dtype)
+        self.model = ModelSpec(cfg.model.name, kwargs, info.num_classes, info.image_shape[-1], dtype)
+        self.lengths = _lengths(cfg.train, info)
+
+    # ------------------------------------------------------------------------------------- model, optimizer
+
+    @functools.cached_property
+    def graphdef(self):
+        """The model's structure (no arrays); ``nnx.merge(graphdef, params, batch_stats)`` rebuilds it."""
+        return nnx.split(nnx.eval_shape(lambda: self.model.build(nnx.Rngs(0))))[0]
+
+    @functools.cached_property
+    def optimizer(self) -> optim.Optimizer:
+        """The optimizer bundle; validating the ``optim`` section happens here, once."""
+        return optim.build_optimizer(
+            self.cfg.optim,
+            steps_per_epoch=self.lengths.steps_per_epoch,
+            total_steps=self.lengths.total_steps,
+            global_batch=self.cfg.train.global_batch,
+        )
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return self.model.identity() | dict(dataset=self.cfg.data.dataset, global_batch=self.cfg.train.global_batch)
+
+    # ------------------------------------------------------------------------------------------- state
+
+    @functools.cached_property
+    def state_spec(self) -> StateSpec:
+        """State: step, params, opt_state, batch_stats (BN models), ema (when on); nothing is computed."""
+
+        def init(key):
+            _, params, stats = nnx.split(self.model.build(nnx.Rngs(params=key)), nnx.Param, nnx.BatchStat)
+            params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+            state = dict(step=jnp.zeros((), jnp.int32), params=params, **self.optimizer.init(params))
+            if stats:
+                state["batch_stats"] = stats
+            return state
+
+        abstract = jax.eval_shape(init, jax.random.key(0))
+        return StateSpec(init, abstract, parallel.param_sharding(self.mesh, abstract))
+
+    def create_state(self, seed: int | None = None) -> dict:
+        """A fresh train state, built by a jitted init straight into its shardings."""
+        spec = self.state_spec
+        seed = self.cfg.train.seed if seed is None else seed
+        return jax.jit(spec.init, out_shardings=spec.shardings)(jax.random.key(seed))
+
+    def restore_state(self, ckpt: Checkpointer, step: int | None = None) -> dict:
+        """The train state of a checkpoint (default: newest), restored into this mesh's shardings."""
+        return ckpt.restore(abstract_like(self.state_spec.abstract, self.state_spec.shardings), step)
+
+    def abstract_weights(self, keys: list[str]) -> dict:
+        """Restore target for the weight trees ``keys`` (params, batch_stats, ema) with their shardings."""
+        _, params, stats = nnx.split(nnx.eval_shape(lambda: self.model.build(nnx.Rngs(0))), nnx.Param, nnx.BatchStat)
+        params = nnx.to_pure_dict(params)
+        trees = dict(params=params, batch_stats=nnx.to_pure_dict(stats))
+        trees["ema"] = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params)
+        chosen = {k: trees[k] for k in keys}
+        return abstract_like(chosen, parallel.param_sharding(self.mesh, chosen))
+
+    def checkpointer(self, workdir: str, *, create: bool = True) -> Checkpointer:
+        """The run's checkpointer; a workdir holding another model's checkpoint is refused untouched."""
+        train = self.cfg.train
+        ckpt = Checkpointer(workdir, train.keep_checkpoints, train.async_checkpoints and create, create=create)
+        try:
+            check_compatible(ckpt.read_meta(), self.model.identity(), workdir)
+        except Exception:
+            ckpt.close()
+            raise
+        return ckpt
+
+    # ------------------------------------------------------------------------------------------- steps
+
+    def train_step(self) -> Callable[[dict, dict], tuple[dict, dict]]:
+        """The jitted train step (state donated)."""
+        train = self.cfg.train
+        loss_fn = make_loss_fn(train.loss, focal_gamma=train.focal_gamma)
+        step = make_train_step(self.graphdef, self.optimizer, loss_fn, seed=train.seed, mesh=self.mesh)
+        return jax.jit(step, donate_argnums=0)
+
+    @functools.cached_property
+    def eval_step(self) -> Callable[[dict, dict, dict], dict]:
+        """The jitted eval step: masked sums (count, top1, top5, loss) of one batch."""
+        return jax.jit(make_eval_step(self.graphdef, make_loss_fn("softmax_xent")))
+
+    def evaluate_split(self, params: dict, batch_stats: dict) -> dict[str, float]:
+        """Top-1/top-5/loss of ``params`` over the whole eval split (data.eval_split, batch train.eval_batch),
+        every example counted exactly once."""
+        global_batch = self.cfg.train.eval_batch or self.cfg.train.global_batch
+        sums: dict[str, float] = {}
+        for b in data_lib.build_eval_iterator(self.cfg.data, global_batch=global_batch, mesh=self.mesh):
+            for k, v in jax.device_get(self.eval_step(params, batch_stats, b)).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        count = int(round(sums.get("count", 0)))
+        if count != self.info.num_eval_examples:
+            raise RunError(f"evaluation counted {count} examples, expected {self.info.num_eval_examples}")
+        return dict(top1=sums["top1"] / count, top5=sums["top5"] / count, loss=sums["loss"] / count, examples=count)
+
+    def evaluate(self, weights: dict) -> dict[str, dict]:
+        """``{'eval': metrics of the params, 'eval_ema': metrics of the EMA weights (when present)}``."""
+        stats = weights.get("batch_stats", {})
+        results = {"eval": self.evaluate_split(weights["params"], stats)}
+        if "ema" in weights:
+            results["eval_ema"] = self.evaluate_split(weights["ema"], stats)
+        return results
+
+
+def build_experiment(
+    cfg: ml_collections.ConfigDict,
+    *,
+    num_devices: int | None = None,
+    info: data_lib.DatasetInfo | None = None,
+    training: bool = True,
+) -> Experiment:
+    """Validates the config's model/train/data parts and assembles the run. ``num_devices``: the mesh size
+    (default train.num_devices for training, every device otherwise; 0 or None: every device). ``info``
+    replaces the dataset's (benchmarks on synthetic data). ``training=False`` skips the check that the
+    training batch splits over this mesh (evaluating on another machine)."""
+    _check_train(cfg.train)
+    model_metadata(cfg.model.name)  # unknown model names fail here, listing the valid ones
+    if info is None:
+        data_lib.prepare_offline(cfg.data)
+        info = data_lib.dataset_info(cfg.data)
+    mesh = parallel.make_mesh(num_devices or (cfg.train.num_devices if training else None) or None)
+    if training:
+        data_lib.check_global_batch(cfg.train.global_batch, jax.process_count(), mesh.devices.size)
+    return Experiment(cfg, info, mesh)
+
+
+# ----------------------------------------------------------------------------------------- saved runs
+
+
+def save_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes the run's config to ``workdir/config.json`` (process 0)."""
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(cfg.to_json_best_effort(indent=2))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run in ``workdir`` was started with (unlocked: callers may edit it)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir} the --workdir of a training run?")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+class SavedRun(NamedTuple):
+    """A training run brought back from its workdir for evaluation or prediction."""
+
+    experiment: Experiment
+    weights: dict  # params, batch_stats (BN models), ema (when the run keeps one), on experiment.mesh
+    step: int
+
+
+def load_run(
+    workdir: str, *, num_devices: int | None = None, eval_split: str | None = None, eval_batch: int | None = None
+) -> SavedRun:
+    """The newest checkpoint of the run in ``workdir`` on a mesh of ``num_devices`` (default: every visible
+    device), with the run's config (``eval_split`` / ``eval_batch`` replace its data.eval_split /
+    train.eval_batch). Reads params, batch statistics and EMA only: no optimizer is built or restored."""
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"workdir {workdir} does not exist; pass the --workdir of a training run")
+    cfg = load_config(workdir)
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise FileNotFoundError(
+            f"{workdir} holds no checkpoints folder: the run saved no checkpoint yet (checkpoints are written "
+            "every train.checkpoint_every_steps steps and at the end of a run)"
+        )
+    cfg.data.eval_split = eval_split or cfg.data.eval_split
+    cfg.train.eval_batch = eval_batch or cfg.train.eval_batch
+    exp = build_experiment(cfg, num_devices=num_devices, training=False)
+    ckpt = exp.checkpointer(workdir, create=False)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}; train longer or check the path")
+        weights = ckpt.restore_weights(exp.abstract_weights(ckpt.read_meta(step)["weights"]), step)
+    finally:
+        ckpt.close()
+    return SavedRun(exp, weights, int(step))
