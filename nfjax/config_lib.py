@@ -49,6 +49,9 @@ def default_train_config() -> ml_collections.ConfigDict:
             async_checkpoints=True,
             max_steps=0,  # > 0: stop after this many steps of this invocation (schedule unchanged)
             warn_no_agc_batch=2048,  # warn when an NF model trains without AGC at or above this batch
+            nonfinite="stop",  # a non-finite loss: 'stop' the run, or 'skip' the update and go on
+            max_consecutive_nonfinite=10,  # nonfinite='skip': stop after this many non-finite steps in a row
+            stall_timeout_s=600.0,  # multi-process: a process with no progress for this long exits (0: never)
         )
     )
 

@@ -35,6 +35,7 @@ from nfjax.models import create_model, model_metadata
 from nfjax.steps import make_eval_step, make_train_step
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 class RunError(RuntimeError):
@@ -109,7 +110,9 @@ def _lengths(train_cfg: ml_collections.ConfigDict, info: data_lib.DatasetInfo) -
 def _check_train(train_cfg: ml_collections.ConfigDict) -> None:
     if train_cfg.loss not in LOSSES:
         raise ValueError(f"train.loss={train_cfg.loss!r} is invalid; valid: {', '.join(LOSSES)}")
-    for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    if train_cfg.nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"train.nonfinite={train_cfg.nonfinite!r} is invalid; valid: {', '.join(NONFINITE_POLICIES)}")
+    for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_consecutive_nonfinite"):
         if train_cfg[field] < 1:
             raise ValueError(f"train.{field}={train_cfg[field]} is invalid: must be >= 1")
 
@@ -168,9 +171,12 @@ class Experiment:
         seed = self.cfg.train.seed if seed is None else seed
         return jax.jit(spec.init, out_shardings=spec.shardings)(jax.random.key(seed))
 
-    def restore_state(self, ckpt: Checkpointer, step: int | None = None) -> dict:
-        """The train state of a checkpoint (default: newest), restored into this mesh's shardings."""
-        return ckpt.restore(abstract_like(self.state_spec.abstract, self.state_spec.shardings), step)
+    def restore_state(self, ckpt: Checkpointer) -> dict | None:
+        """The train state of the newest readable checkpoint, restored into this mesh's shardings and verified
+        (None when there is no checkpoint). Unreadable newer steps are reported and set aside, never deleted."""
+        abstract = abstract_like(self.state_spec.abstract, self.state_spec.shardings)
+        found = ckpt.newest_readable(lambda step: ckpt.restore(abstract, step), set_aside=True)
+        return None if found is None else found[1]
 
     def abstract_weights(self, keys: list[str]) -> dict:
         """Restore target for the weight trees ``keys`` (params, batch_stats, ema) with their shardings."""
@@ -186,7 +192,7 @@ class Experiment:
         train = self.cfg.train
         ckpt = Checkpointer(workdir, train.keep_checkpoints, train.async_checkpoints and create, create=create)
         try:
-            check_compatible(ckpt.read_meta(), self.model.identity(), workdir)
+            check_compatible(ckpt.newest_meta(), self.model.identity(), workdir)
         except Exception:
             ckpt.close()
             raise
@@ -198,7 +204,10 @@ class Experiment:
         """The jitted train step (state donated)."""
         train = self.cfg.train
         loss_fn = make_loss_fn(train.loss, focal_gamma=train.focal_gamma)
-        step = make_train_step(self.graphdef, self.optimizer, loss_fn, seed=train.seed, mesh=self.mesh)
+        skip = train.nonfinite == "skip"
+        step = make_train_step(
+            self.graphdef, self.optimizer, loss_fn, seed=train.seed, mesh=self.mesh, skip_nonfinite=skip
+        )
         return jax.jit(step, donate_argnums=0)
 
     @functools.cached_property
@@ -239,7 +248,8 @@ def build_experiment(
     (default train.num_devices for training, every device otherwise; 0 or None: every device). ``info``
     replaces the dataset's (benchmarks on synthetic data). ``training=False`` skips the check that the
     training batch splits over this mesh (evaluating on another machine)."""
-    _check_train(cfg.train)
+    if training:
+        _check_train(cfg.train)
     model_metadata(cfg.model.name)  # unknown model names fail here, listing the valid ones
     if info is None:
         data_lib.prepare_offline(cfg.data)
@@ -298,10 +308,10 @@ def load_run(
     exp = build_experiment(cfg, num_devices=num_devices, training=False)
     ckpt = exp.checkpointer(workdir, create=False)
     try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}; train longer or check the path")
-        weights = ckpt.restore_weights(exp.abstract_weights(ckpt.read_meta(step)["weights"]), step)
+        read = lambda step: ckpt.restore_weights(exp.abstract_weights(ckpt.read_meta(step)["weights"]), step)
+        found = ckpt.newest_readable(read)  # a damaged newest step: one warning line, then the one before
     finally:
         ckpt.close()
-    return SavedRun(exp, weights, int(step))
+    if found is None:
+        raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}; train longer or check the path")
+    return SavedRun(exp, found[1], int(found[0]))

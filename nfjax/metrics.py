@@ -26,19 +26,28 @@ def _scalar(v: Any) -> float | int | str:
 class MetricWriter:
     """Writes ``{"step": s, "split": "train", ...}`` lines to ``metrics.jsonl`` and TensorBoard scalars."""
 
-    def __init__(self, workdir: str, enabled: bool | None = None, tensorboard: bool = True):
+    def __init__(
+        self, workdir: str, enabled: bool | None = None, tensorboard: bool = True, resume_step: int | None = None
+    ):
+        """``resume_step``: the step a resumed run restarts from. Records of later steps, written by a run that
+        died after its last checkpoint, are dropped from ``metrics.jsonl`` and purged in TensorBoard (a purge
+        event at ``resume_step + 1``), so every step is logged once whatever the sequence of crashes."""
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._tb = None
         self._file = None
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115 - closed in close()
+        path = os.path.join(workdir, "metrics.jsonl")
+        if resume_step is not None:
+            _truncate_after(path, resume_step)
+        self._file = open(path, "a")  # noqa: SIM115 - closed in close()
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                purge = None if resume_step is None else resume_step + 1
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
             except ImportError:  # optional dependency: JSON lines still work
                 self._tb = None
 
@@ -59,6 +68,26 @@ class MetricWriter:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+    """Drops the records of ``path`` with a step above ``step`` (and a torn last line), replacing the file
+    atomically so that a crash here loses nothing."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):  # a line torn by a kill mid-write
+            continue
+    if len(kept) != len(lines):
+        with open(f"{path}.tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(f"{path}.tmp", path)
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

@@ -44,13 +44,15 @@ def make_train_step(
     *,
     seed: int,
     mesh=None,
+    skip_nonfinite: bool = False,
 ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """Builds ``step(state, batch) -> (state, metrics)`` (not yet jitted).
 
     RNG: ``fold_in(key(seed), step)``; stochastic depth and dropout draw one mask per example, so every device
     and every step sees different masks. Gradients (with accumulation or SAM), the update, the EMA and the
     optimizer's metrics come from ``optimizer``. A non-finite loss leaves the state untouched (and is reported
-    in ``metrics['finite']``) so the last good state and checkpoint survive.
+    in ``metrics['finite']``) so the last good state and checkpoint survive; with ``skip_nonfinite`` only the
+    step counter moves on (the update is skipped, the next step sees the next batch and learning rate).
     """
 
     def grad_fn(params, batch, key, batch_stats):
@@ -72,6 +74,8 @@ def make_train_step(
             new_state["batch_stats"] = new_stats
         finite = jnp.isfinite(loss)
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        if skip_nonfinite:
+            new_state["step"] = state["step"] + 1
         metrics = dict(
             loss=loss, top1=top1, finite=finite, largest_grad_param=_largest_grad_index(grads), **optimizer_metrics
         )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import jax
@@ -18,7 +20,7 @@ import numpy as np
 
 from nfjax import data as data_lib
 from nfjax import parallel
-from nfjax.checkpoint import Checkpointer
+from nfjax.checkpoint import Checkpointer, CheckpointSaveError, first_line
 from nfjax.clipping import leaf_paths
 from nfjax.experiment import Experiment, RunError, build_experiment, save_config
 from nfjax.metrics import MetricWriter, Progress
@@ -56,18 +58,122 @@ class Preemption:
         return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
 
+WATCHDOG = r"""
+import os, select, signal, sys
+parent, timeout, index = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+state, pending = "before its first step", b""
+while True:
+    ready, _, _ = select.select([0], [], [], timeout)
+    if not ready:
+        sys.stderr.write(
+            f"error: process {index} of this run made no progress for {timeout:g} s (train.stall_timeout_s), "
+            f"{state}: another process of the run has probably died or hangs. Stopping it; rerun the same command "
+            "on every process to resume from the last checkpoint.\n"
+        )
+        sys.stderr.flush()
+        os.kill(parent, signal.SIGKILL)
+        sys.exit(0)
+    chunk = os.read(0, 4096)
+    if not chunk:
+        sys.exit(0)
+    lines = (pending + chunk).split(b"\n")
+    pending = lines[-1]
+    if len(lines) > 1 and lines[-2]:
+        state = lines[-2].decode()
+"""
+
+
+class Watchdog:
+    """Multi-process runs: a process whose peer died waits forever in the next collective, possibly inside C++
+    code that holds Python's interpreter lock. So the watch runs in a small separate process: it ends this one
+    (one message, then SIGKILL) when no step, evaluation or save finished for ``timeout_s``."""
+
+    def __init__(self, timeout_s: float):
+        self._proc = None
+        if timeout_s > 0 and jax.process_count() > 1:
+            args = [sys.executable, "-c", WATCHDOG, str(os.getpid()), str(timeout_s), str(jax.process_index())]
+            self._proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+
+    def beat(self, state: str) -> None:
+        """Progress was made; ``state`` says where (shown if the watch fires later)."""
+        if self._proc is not None:
+            try:
+                self._proc.stdin.write(f"{state}\n".encode())
+                self._proc.stdin.flush()
+            except OSError:  # the watch is gone: nothing to tell
+                self._proc = None
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._proc.stdin.close()
+            self._proc.wait(timeout=10)
+            self._proc = None
+
+
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming from the newest checkpoint in ``workdir``) and returns the final eval metrics."""
+    check_workdir(workdir)
     parallel.initialize_distributed(**cfg.distributed.to_dict())
     exp = build_experiment(cfg)
     exp.optimizer  # noqa: B018 - validates the optim section before anything is written
     ckpt = exp.checkpointer(workdir)  # refuses another model's workdir before anything is built or written
     try:
-        state = exp.restore_state(ckpt) if ckpt.latest_step() is not None else exp.create_state()
+        state = exp.restore_state(ckpt)
+        state = exp.create_state() if state is None else state
         save_config(cfg, workdir)
+        report_bad_files(cfg.data, workdir)
         return TrainingLoop(exp, workdir, ckpt).run(state)
+    except Exception as e:
+        if jax.process_count() > 1:
+            exit_multiprocess_run(e)
+        raise
     finally:
         ckpt.close()
+
+
+def exit_multiprocess_run(error: Exception) -> None:
+    """Ends a failed multi-process run at once: one message, exit status 2. Returning would run
+    jax.distributed's shutdown, which waits for every peer (a dead one: until its heartbeat times out, 100 s)
+    and then aborts with a C++ stack trace; pending checkpoint saves of a failed run are not worth that wait."""
+    message = str(error) if isinstance(error, (RunError, CheckpointSaveError)) else first_line(error)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(2)
+
+
+def check_workdir(workdir: str) -> None:
+    """Fails with one paragraph when ``workdir`` cannot hold a run (a file is in the way, or it cannot be
+    written). Creates nothing: a run refused later for another reason leaves no folder behind."""
+    existing = workdir
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    problem = None
+    if not os.path.isdir(existing):
+        problem = f"{existing} is a file, not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable by this user"
+    if problem:
+        raise RunError(
+            f"cannot use {workdir} as the workdir ({problem}): give a --workdir that is a folder this user can "
+            "create and write (checkpoints, metrics and logs go there)"
+        )
+
+
+def report_bad_files(data_cfg: ml_collections.ConfigDict, workdir: str) -> None:
+    """Lists the dataset's unusable files (left out of training and evaluation) in ``workdir/bad_files.txt``
+    and says so in one line."""
+    bad = data_lib.bad_files(data_cfg)
+    if not bad or jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, "bad_files.txt")
+    with open(path, "w") as f:
+        f.writelines(f"{file}\t{reason}\n" for file, reason in bad)
+    named = ", ".join(f"{os.path.basename(file)} ({reason})" for file, reason in bad[:3])
+    print(
+        f"warning: {len(bad)} unusable image files left out ({named}{', ...' if len(bad) > 3 else ''}); "
+        f"all listed in {path}",
+        file=sys.stderr,
+    )
 
 
 class TrainingLoop:
@@ -82,8 +188,11 @@ class TrainingLoop:
         lengths, train = self.exp.lengths, self.train_cfg
         start = int(jax.device_get(state["step"]))
         end = lengths.total_steps if not train.max_steps else min(lengths.total_steps, start + train.max_steps)
-        self.writer, self.progress = MetricWriter(self.workdir), Progress(lengths.total_steps, start)
-        preempt, final = Preemption(), {}
+        self.writer = MetricWriter(self.workdir, resume_step=start)
+        self.progress = Progress(lengths.total_steps, start)
+        preempt, final, done = Preemption(), {}, start
+        watchdog = Watchdog(train.stall_timeout_s)
+        progress = lambda: f"last at step {done} (newest checkpoint: step {self.ckpt.latest_step()})"
         try:
             self._announce(start)
             batches = data_lib.build_train_iterator(
@@ -93,27 +202,30 @@ class TrainingLoop:
                 start_step=start,
                 seed=train.seed,
             )
-            interval, t0 = [], time.time()
+            interval, t0, self.consecutive_nonfinite = [], time.time(), 0
             for step in range(start, end):
-                state, metrics = self.step_fn(state, next(batches))
-                metrics = jax.device_get(metrics)
+                state, metrics = self._step(state, self._next_batch(batches, step + 1), step + 1)
                 self._check_finite(metrics, step + 1, state)
                 interval.append(metrics)
                 done = step + 1
+                watchdog.beat(progress())
                 self.progress.update(1, loss=float(metrics["loss"]), lr=float(metrics["lr"]))
                 if done % train.log_every_steps == 0 or done == end:
                     self._log_train(done, interval, time.time() - t0)
                     interval, t0 = [], time.time()
                 if done % lengths.eval_every == 0 or done == lengths.total_steps:
                     final = self._evaluate(state, done)
+                    watchdog.beat(progress())
                 stop = preempt.agreed()
                 if done % train.checkpoint_every_steps == 0 or done == end or stop:
                     self.ckpt.save(done, state, self.exp.checkpoint_meta())
+                    watchdog.beat(progress())
                 if stop:
                     self.progress.write(f"SIGTERM: saved a checkpoint at step {done}; rerun the same command to resume")
                     break
             self.ckpt.wait()
         finally:
+            watchdog.close()
             preempt.close()
             self.progress.close()
             self.writer.close()
@@ -121,6 +233,36 @@ class TrainingLoop:
             with open(os.path.join(self.workdir, "final_metrics.json"), "w") as f:
                 json.dump(final, f, indent=2)
         return final
+
+    def _step(self, state: dict, batch: dict, step: int) -> tuple[dict, dict]:
+        """One jitted step and its metrics on the host. In a multi-process run a failed collective means a peer
+        died: one paragraph saying so, not a runtime traceback."""
+        try:
+            state, metrics = self.step_fn(state, batch)
+            return state, jax.device_get(metrics)
+        except jax.errors.JaxRuntimeError as e:
+            if jax.process_count() == 1:
+                raise
+            raise RunError(
+                f"step {step} failed in a collective ({first_line(e)}): another process of this run has probably "
+                "died. Rerun the same command on every process to resume from the checkpoint at step "
+                f"{self.ckpt.latest_step()}."
+            ) from None
+
+    def _next_batch(self, batches, step: int) -> dict:
+        """The next training batch; an input-pipeline failure (a file damaged past what the pre-scan sees) is
+        one paragraph naming the step and the last checkpoint, not a TensorFlow traceback."""
+        try:
+            return next(batches)
+        except Exception as e:
+            if not type(e).__module__.startswith("tensorflow"):
+                raise
+            reason = " ".join(str(e).split())[:300]
+            raise RunError(
+                f"reading the training data for step {step} failed ({type(e).__name__}: {reason}). A data file "
+                f"is probably damaged: remove or replace it and rerun the same command, which resumes from the "
+                f"checkpoint at step {self.ckpt.latest_step()}."
+            ) from None
 
     def _announce(self, start: int) -> None:
         exp, train = self.exp, self.train_cfg
@@ -134,21 +276,33 @@ class TrainingLoop:
             self.progress.write(f"resuming from the checkpoint at step {start} in {self.workdir}")
 
     def _check_finite(self, metrics: dict, step: int, state: dict) -> None:
-        """Stops the run on a non-finite loss (the step left the state untouched), naming the step (numbered
-        as in the logs: step k is the k-th update) and the parameter with the largest gradient norm."""
+        """A non-finite loss (the step left the weights untouched) stops the run, naming the step (numbered as
+        in the logs: step k is the k-th update) and the parameter with the largest gradient norm; with
+        ``train.nonfinite='skip'`` the update is skipped and counted, and only a run of
+        ``train.max_consecutive_nonfinite`` such steps stops the run."""
         if metrics["finite"]:
+            self.consecutive_nonfinite = 0
             return
         clipping = self.exp.optimizer.config.clipping
         advice = "lower optim.agc_lambda" if clipping == "agc" else "enable AGC (optim.clipping=agc)"
         largest = leaf_paths(state["params"])[int(metrics["largest_grad_param"])]
+        what = f"non-finite loss ({metrics['loss']}) at step {step}; the parameter with the largest gradient norm is"
+        if self.train_cfg.nonfinite == "skip":
+            self.consecutive_nonfinite += 1
+            limit = self.train_cfg.max_consecutive_nonfinite
+            if self.consecutive_nonfinite < limit:
+                self.progress.write(f"warning: {what} {largest}; the update was skipped (train.nonfinite=skip)")
+                return
+            what = f"{limit} non-finite steps in a row (train.max_consecutive_nonfinite), the last: {what}"
         raise RunError(
-            f"non-finite loss ({metrics['loss']}) at step {step}; the parameter with the largest gradient norm is "
-            f"{largest}. The update was not applied and no checkpoint was written after step "
+            f"{what} {largest}. The update was not applied and no checkpoint was written after step "
             f"{self.ckpt.latest_step()}; lower the learning rate (optim.base_lr) or {advice}, and rerun."
         )
 
     def _log_train(self, step: int, interval: list[dict], seconds: float) -> None:
-        means = {k: float(np.mean([m[k] for m in interval])) for k in TRAIN_MEANS}
+        finite = [m for m in interval if m["finite"]]  # skipped steps (train.nonfinite=skip) are counted apart
+        means = {k: float(np.mean([m[k] for m in finite])) if finite else float("nan") for k in TRAIN_MEANS}
+        means["nonfinite_steps"] = len(interval) - len(finite)
         self.writer.write(
             step,
             "train",

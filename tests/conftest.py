@@ -7,7 +7,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+from runs import CACHE_MIN_SECONDS  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +21,21 @@ def fmnist_dir(tmp_path_factory):
     data_dir = tmp_path_factory.getbasetemp() / "tfds"
     data.prepare_fashion_mnist(str(data_dir))
     return str(data_dir)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory):
+    """A persistent XLA cache for the session (and its subprocesses): identical programs compile once."""
+    try:
+        from jax._src.compilation_cache import reset_cache  # private: without it the cache only starts later
+    except ImportError:
+        reset_cache = lambda: None
+    path = str(tmp_path_factory.getbasetemp() / "jax_compile_cache")
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(CACHE_MIN_SECONDS))
+    reset_cache()  # JAX sets its cache up at the first compile; redo that with the new folder
+    yield path
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+    reset_cache()

@@ -98,9 +98,9 @@ def test_sizes_that_vary_name_two_files(tmp_path):
 
 def test_scan_stops_at_the_first_mismatch(tmp_path):
     _write_images(tmp_path, [[(20, 20), (24, 24)]])
-    (tmp_path / "class_0" / "im2.png").write_bytes(b"not an image")  # after the mismatch: never opened
+    (tmp_path / "class_0" / "im2.png").write_bytes(b"not an image")  # left out as a bad file, never sized
     with pytest.raises(ValueError, match="im1.png is 24x24"):
-        ImageFolderSource(str(tmp_path), "all").common_image_size()
+        ImageFolderSource(str(tmp_path), "all", max_bad_fraction=1.0).common_image_size()
 
 
 def test_non_square_images_need_an_image_size(tmp_path):

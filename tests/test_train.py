@@ -5,18 +5,14 @@ Every run shares one tiny NF model and recipe (``TINY``); with the persistent co
 runs reuse the compiled init/train/eval programs of the first one, which keeps this module to a few minutes.
 """
 
-import contextlib
-import hashlib
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -27,80 +23,18 @@ from nfjax import optim, predict, train
 from nfjax.clipping import leaf_paths
 from nfjax.config_lib import load_config_file
 from nfjax.experiment import load_run
-from nfjax.metrics import read_metrics
-
-ROOT = Path(__file__).resolve().parents[1]
-STEPS = 12  # steps of the shared run; it evaluates once, at the end
-TINY = [
-    "--config.model.kwargs.widths=(8,16,16)",
-    "--config.model.kwargs.stem_width=8",
-    "--config.train.global_batch=64",
-    "--config.train.total_steps=100",
-    "--config.optim.warmup_epochs=0",
-    "--config.optim.base_lr=2.0",
-    "--config.train.log_every_steps=1",
-    f"--config.train.eval_every_steps={STEPS}",
-    "--config.train.eval_batch=1000",
-]
-CACHE_MIN_SECONDS = "0.5"
-MAX_FLIPPED_EXAMPLES = 5  # of the 10,000 test examples, between two runs that differ only in summation order
-
-
-def nf_args(fmnist_dir, workdir, *extra, config="fmnist_nf.py"):
-    return ["--config", f"{ROOT}/configs/{config}:data_dir={fmnist_dir}", "--workdir", str(workdir), *TINY, *extra]
-
-
-def train_rows(workdir):
-    return [r for r in read_metrics(workdir) if r["split"] == "train"]
-
-
-def checkpoint_steps(workdir):
-    folder = Path(workdir) / "checkpoints"
-    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
-
-
-def snapshot(folder):
-    """{relative path: sha1} of every file under ``folder`` (to prove nothing was rewritten)."""
-    return {
-        str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
-        for p in sorted(Path(folder).rglob("*"))
-        if p.is_file()
-    }
-
-
-def assert_clean_error(code, err, *needles):
-    assert code == 2, err
-    assert "Traceback" not in err
-    message = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(message) == 1, err
-    for needle in needles:
-        assert needle in message[0], message[0]
-    return message[0]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """A persistent XLA cache for this module (and its subprocesses): identical programs compile once."""
-    try:
-        from jax._src.compilation_cache import reset_cache  # private: without it the cache only starts later
-    except ImportError:
-        reset_cache = lambda: None
-    path = str(tmp_path_factory.getbasetemp() / "jax_compile_cache")
-    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(CACHE_MIN_SECONDS))
-    reset_cache()  # JAX sets its cache up at the first compile; redo that with the new folder
-    yield path
-    jax.config.update("jax_compilation_cache_dir", before[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
-    reset_cache()
-
-
-def subprocess_env(compile_cache, devices):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    env.update(JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=CACHE_MIN_SECONDS)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
+from runs import (
+    MAX_FLIPPED_EXAMPLES,
+    ROOT,
+    STEPS,
+    assert_clean_error,
+    checkpoint_steps,
+    free_port,
+    nf_args,
+    snapshot,
+    subprocess_env,
+    train_rows,
+)
 
 
 @pytest.fixture(scope="module")
@@ -146,15 +80,9 @@ def test_8_devices_equal_1_device(trained, fmnist_dir, tmp_path):
     np.testing.assert_allclose(one[0]["grad_norm"], eight[0]["grad_norm"], rtol=1e-5)
 
 
-def _free_port():
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_equal_one_process(trained, fmnist_dir, tmp_path, compile_cache):
     """jax.distributed over loopback with gloo, one CPU device per process, same global batch and steps."""
-    workdir, port = tmp_path / "run", _free_port()
+    workdir, port = tmp_path / "run", free_port()
     distributed = [
         f"--config.distributed.coordinator_address=127.0.0.1:{port}",
         "--config.distributed.num_processes=2",

@@ -16,6 +16,7 @@ API (``cfg`` is the ``data`` ConfigDict from ``default_data_config()``; every fi
   build_eval_iterator(cfg, *, global_batch, split=None, mesh=None,
                       process_index=None, process_count=None, device_count=None) -> Iterator[dict]
   to_global_batch(batch, mesh, data_axis='data') -> dict[str, jax.Array]
+  bad_files(cfg) -> [(path, reason)]                             # image-folder files left out (unusable)
   prepare_fashion_mnist(data_dir, source_dir='/usr/share/datasets/fashion-mnist') -> str
   OFFLINE_PREPARERS: dict[name, (data_dir, source_dir=default) -> str]   # datasets prepared from local files
   prepare_offline(cfg) -> None     # runs OFFLINE_PREPARERS[cfg.dataset] on cfg.data_dir if present, else no-op
@@ -34,11 +35,12 @@ from nfjax.data.fashion_mnist import prepare_fashion_mnist
 from nfjax.data.offline import OFFLINE_PREPARERS, prepare_offline
 from nfjax.data.pipeline import DatasetInfo, build_eval_iterator, build_train_iterator, dataset_info, source_info
 from nfjax.data.sharding import check_global_batch, to_global_batch
-from nfjax.data.sources import DatasetNotFoundError
+from nfjax.data.sources import DatasetNotFoundError, bad_files
 
 __all__ = [
     "DatasetInfo",
     "DatasetNotFoundError",
+    "bad_files",
     "OFFLINE_PREPARERS",
     "build_eval_iterator",
     "build_train_iterator",

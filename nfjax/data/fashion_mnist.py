@@ -25,15 +25,32 @@ IDX_FILES = {
 EXPECTED_COUNTS = {"train": 60_000, "test": 10_000}
 
 
+REINSTALL = "reinstall the files (apt-get install --reinstall dataset-fashion-mnist) or pass a good copy"
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Parses an IDX file (optionally gzipped): uint8 array of the shape stored in its header."""
+    """Parses an IDX file (optionally gzipped): uint8 array of the shape stored in its header. A damaged file
+    (bad gzip stream, wrong magic number, fewer bytes than the header promises) is a ValueError saying so."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if data[:2] != b"\x00\x00" or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); {REINSTALL}") from None
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise ValueError(
+            f"{path} is not an unsigned-byte IDX file (its header is {data[:4].hex() or 'empty'}, "
+            f"expected 00 00 08 and a dimension count); {REINSTALL}"
+        )
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path} ends inside its IDX header; {REINSTALL}")
     shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
+    expected = 4 + 4 * ndim + int(np.prod(shape))
+    if len(data) != expected:
+        raise ValueError(f"{path} holds {len(data)} bytes but its IDX header {shape} needs {expected}; {REINSTALL}")
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -52,8 +69,11 @@ def load_idx_split(source_dir: str | os.PathLike, split: str) -> tuple[np.ndarra
     image_stem, label_stem = IDX_FILES[split]
     images = read_idx(_find_idx(Path(source_dir), image_stem))
     labels = read_idx(_find_idx(Path(source_dir), label_stem))
-    if len(images) != EXPECTED_COUNTS[split] or len(labels) != len(images):
-        raise ValueError(f"{split}: {len(images)} images, {len(labels)} labels; expected {EXPECTED_COUNTS[split]}")
+    if images.shape != (EXPECTED_COUNTS[split], 28, 28) or labels.shape != (len(images),):
+        raise ValueError(
+            f"the Fashion-MNIST {split} files in {source_dir} hold images {images.shape} and labels {labels.shape}; "
+            f"expected ({EXPECTED_COUNTS[split]}, 28, 28) and ({EXPECTED_COUNTS[split]},); {REINSTALL}"
+        )
     return images[..., None], labels
 
 

@@ -134,14 +134,21 @@ class ImageFolderSource:
     exists. Otherwise splits 'train' / 'holdout' / 'all' divide each class deterministically: files are
     ranked by a hash of their relative path and the first round(holdout_fraction * n) go to 'holdout'."""
 
-    def __init__(self, root: str, split: str = "train", holdout_fraction: float = 0.0):
+    def __init__(self, root: str, split: str = "train", holdout_fraction: float = 0.0, max_bad_fraction: float = 0.001):
+        """Files that cannot be used (empty, not an image, unsupported mode, truncated) are left out and listed
+        in ``bad_files``; more than ``max_bad_fraction`` of them is an error naming some."""
         self.root = Path(os.path.expanduser(root))
         if not self.root.is_dir():
             raise DatasetNotFoundError(
                 f"image folder '{self.root}' does not exist; expected {self.root}/<class_name>/<image>.jpg"
             )
         self.split = split
-        self.paths, self.labels, self.class_names = _list_image_folder(self.root, split, holdout_fraction)
+        paths, labels, self.class_names = _list_image_folder(self.root, split, holdout_fraction)
+        self.bad_files = scan_image_files(tuple(paths))
+        _check_bad_fraction(self.bad_files, len(paths), max_bad_fraction, self.root)
+        bad = {path for path, _ in self.bad_files}
+        keep = np.array([p not in bad for p in paths], bool)
+        self.paths, self.labels = paths[keep], labels[keep]
 
     def info(self) -> SourceInfo:
         return SourceInfo(len(self.paths), len(self.class_names), (None, None, 3), self.class_names)
@@ -162,6 +169,57 @@ class ImageFolderSource:
         if len({im.shape for im in images}) > 1:
             raise ValueError(f"images in {self.root} differ in size; use backend 'tfdata' to resize them")
         return np.stack(images), self.labels.copy()
+
+
+SUPPORTED_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16")  # what the decoders turn into RGB
+END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}  # a file cut short lacks its end marker
+TAIL_BYTES = 4096  # the end marker is searched for this far from the end (JPEGs may carry trailing bytes)
+
+
+def check_image_file(path: str) -> str | None:
+    """Why the image file at ``path`` cannot be used (None when it can): empty, not an image, an unsupported
+    mode, or truncated. Reads the header and the last bytes only, never decodes pixels, so a folder of a million
+    files is checked in minutes."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "empty file"
+        with Image.open(path) as image:
+            kind, mode = image.format, image.mode
+        if mode not in SUPPORTED_MODES:
+            return f"unsupported image mode {mode}"
+        marker = END_MARKERS.get(kind)
+        if marker is not None:
+            with open(path, "rb") as f:
+                f.seek(max(0, size - TAIL_BYTES))
+                if marker not in f.read():
+                    return f"truncated {kind} (no end marker)"
+    except UnidentifiedImageError:
+        return "not an image"
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def scan_image_files(paths: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """``(path, reason)`` of every unusable file among ``paths`` (cached: a split is scanned once per process;
+    a progress bar on stderr for large folders)."""
+    from tqdm import tqdm
+
+    files = tqdm(paths, desc="checking image files", unit="file", disable=len(paths) < 20_000, mininterval=5.0)
+    return tuple((path, reason) for path in files if (reason := check_image_file(path)) is not None)
+
+
+def _check_bad_fraction(bad: tuple[tuple[str, str], ...], total: int, limit: float, root: Path) -> None:
+    if total and len(bad) > limit * total:
+        named = "; ".join(f"{path} ({reason})" for path, reason in bad[:5])
+        raise ValueError(
+            f"{len(bad)} of {total} files in image folder {root} cannot be used ({len(bad) / total:.2%}, more than "
+            f"data.max_bad_fraction={limit:g}), e.g. {named}. Fix or remove them, or raise data.max_bad_fraction."
+        )
 
 
 def _header_size(path: str) -> tuple[int, int]:
@@ -198,13 +256,20 @@ def _list_image_folder(root: Path, split: str, holdout_fraction: float):
         raise ValueError(f"image folder split must be 'train', 'holdout' or 'all' (or a sub-folder), got {split}")
     class_names = tuple(sorted(d.name for d in root.iterdir() if d.is_dir()))
     if not class_names:
-        raise DatasetNotFoundError(f"no class sub-folders in image folder '{root}'")
+        raise DatasetNotFoundError(
+            f"no class sub-folders in image folder '{root}'; expected {root}/<class_name>/<image>.jpg"
+        )
     paths, labels = [], []
     for label, name in enumerate(class_names):
         files = sorted(
             (p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS),
             key=lambda p: hashlib.md5(f"{name}/{p.name}".encode()).hexdigest(),
         )
+        if not files:
+            raise DatasetNotFoundError(
+                f"class folder '{root / name}' holds no images ({', '.join(IMAGE_EXTENSIONS)}); add images to it "
+                "or remove it (every sub-folder of an image folder is a class)"
+            )
         num_holdout = round(holdout_fraction * len(files))
         chosen = {"train": files[num_holdout:], "holdout": files[:num_holdout], "all": files}[split]
         chosen = sorted(chosen)
@@ -216,5 +281,15 @@ def _list_image_folder(root: Path, split: str, holdout_fraction: float):
 def make_source(cfg, split: str):
     """The source for ``split`` of the dataset named in the data config."""
     if cfg.dataset == "image_folder":
-        return ImageFolderSource(cfg.data_dir, split, cfg.holdout_fraction)
+        return ImageFolderSource(cfg.data_dir, split, cfg.holdout_fraction, cfg.get("max_bad_fraction", 0.001))
     return TfdsSource(cfg.dataset, split, cfg.data_dir)
+
+
+def bad_files(cfg) -> list[tuple[str, str]]:
+    """``(path, reason)`` of the files left out of the train and eval splits (image folders; [] otherwise)."""
+    if cfg.dataset != "image_folder":
+        return []
+    found = {}
+    for split in (cfg.train_split, cfg.eval_split):
+        found.update(make_source(cfg, split).bad_files)
+    return sorted(found.items())

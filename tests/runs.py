@@ -1,0 +1,70 @@
+"""Shared helpers of the trainer tests: the tiny NF run's arguments, log and checkpoint readers, error checks."""
+
+import contextlib
+import hashlib
+import os
+import socket
+from pathlib import Path
+
+from nfjax.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 12  # steps of the shared run; it evaluates once, at the end
+TINY = [
+    "--config.model.kwargs.widths=(8,16,16)",
+    "--config.model.kwargs.stem_width=8",
+    "--config.train.global_batch=64",
+    "--config.train.total_steps=100",
+    "--config.optim.warmup_epochs=0",
+    "--config.optim.base_lr=2.0",
+    "--config.train.log_every_steps=1",
+    f"--config.train.eval_every_steps={STEPS}",
+    "--config.train.eval_batch=1000",
+]
+CACHE_MIN_SECONDS = "0.5"
+MAX_FLIPPED_EXAMPLES = 5  # of the 10,000 test examples, between two runs that differ only in summation order
+
+
+def nf_args(fmnist_dir, workdir, *extra, config="fmnist_nf.py"):
+    return ["--config", f"{ROOT}/configs/{config}:data_dir={fmnist_dir}", "--workdir", str(workdir), *TINY, *extra]
+
+
+def train_rows(workdir):
+    return [r for r in read_metrics(workdir) if r["split"] == "train"]
+
+
+def checkpoint_steps(workdir):
+    folder = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+
+
+def snapshot(folder):
+    """{relative path: sha1} of every file under ``folder`` (to prove nothing was rewritten)."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file()
+    }
+
+
+def assert_clean_error(code, err, *needles):
+    assert code == 2, err
+    assert "Traceback" not in err
+    message = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(message) == 1, err
+    for needle in needles:
+        assert needle in message[0], message[0]
+    return message[0]
+
+
+def subprocess_env(compile_cache, devices):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env.update(JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=CACHE_MIN_SECONDS)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def free_port():
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
