@@ -159,7 +159,14 @@ def apply_override(cfg: ml_collections.ConfigDict, dotted: str, raw: str) -> Non
             return
         hint = did_you_mean(dotted, flat_keys(cfg), prefix="--config.")
         raise ConfigError(f"unknown config key --config.{dotted}.{hint} Run with --print-config to see every key.")
-    node[leaf] = parse_value(raw, node[leaf], f"--config.{dotted}")
+    current = node[leaf]
+    if current is None and raw.strip() != "None":  # a typed field whose value is None: parse by its type
+        field_type = node.get_ref(leaf).get_type()
+        current = field_type() if field_type in (bool, int, float, str, tuple, list) else None
+    try:
+        node[leaf] = parse_value(raw, current, f"--config.{dotted}")
+    except TypeError as e:  # ConfigDict's own type check
+        raise ConfigError(f"--config.{dotted}={raw!r}: {e}") from None
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:

@@ -50,6 +50,14 @@ def test_recipe_arguments_and_overrides_share_the_parser_and_the_hint():
     assert cfg.train.global_batch == 128
     with pytest.raises(ConfigError, match="Did you mean --config.train.global_batch"):
         apply_override(cfg, "train.global_bach", "3")
+    # Typed fields whose value is None parse by their declared type; None sets them back.
+    apply_override(cfg, "data.cache_in_memory", "false")
+    apply_override(cfg, "data.image_size", "32")
+    assert cfg.data.cache_in_memory is False and cfg.data.image_size == 32
+    apply_override(cfg, "data.image_size", "None")
+    assert cfg.data.image_size is None
+    with pytest.raises(ConfigError, match="data.cache_in_memory='maybe': expected true or false"):
+        apply_override(cfg, "data.cache_in_memory", "maybe")
 
 
 def test_a_config_file_with_a_syntax_error_is_one_clear_message(tmp_path):

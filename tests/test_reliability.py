@@ -390,3 +390,21 @@ def test_a_dead_or_hung_process_stops_the_other_in_bounded_time_and_both_resume(
     outputs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n\n".join(o[-3000:] for o in outputs)
     assert [r["step"] for r in train_rows(workdir)] == list(range(1, 25))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "tfdata"])
+def test_a_file_damaged_in_the_middle_is_one_clear_message(tmp_path, capsys, backend):
+    """Header and end marker intact, pixel data garbled: the pre-check cannot see it; decoding finds it, and
+    the run stops with one paragraph naming the file (NumPy path, before training) or the step (tf.data)."""
+    image_folder_with_bad_files(tmp_path / "images")
+    folder = tmp_path / "images" / "train" / "a"
+    for name in ("truncated.png", "empty.png", "notes.jpg"):
+        (folder / name).unlink()
+    data = bytearray((folder / "3.png").read_bytes())
+    data[60:-40] = bytes(len(data) - 100)  # zeros over the compressed pixels; the IEND chunk stays
+    (folder / "3.png").write_bytes(bytes(data))
+    workdir = tmp_path / "run"
+    streaming = ["--config.data.cache_in_memory=false"] if backend == "tfdata" else []
+    code = train.main(folder_args(tmp_path / "images", workdir, f"--config.data.backend={backend}", *streaming))
+    needle = "3.png cannot be decoded" if backend == "numpy" else "reading the training data for step"
+    assert_clean_error(code, capsys.readouterr().err, needle)

@@ -165,7 +165,7 @@ class ImageFolderSource:
     def load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         from PIL import Image
 
-        images = [np.asarray(Image.open(p).convert("RGB")) for p in self.paths]
+        images = [_decode_rgb(Image, p) for p in self.paths]
         if len({im.shape for im in images}) > 1:
             raise ValueError(f"images in {self.root} differ in size; use backend 'tfdata' to resize them")
         return np.stack(images), self.labels.copy()
@@ -220,6 +220,18 @@ def _check_bad_fraction(bad: tuple[tuple[str, str], ...], total: int, limit: flo
             f"{len(bad)} of {total} files in image folder {root} cannot be used ({len(bad) / total:.2%}, more than "
             f"data.max_bad_fraction={limit:g}), e.g. {named}. Fix or remove them, or raise data.max_bad_fraction."
         )
+
+
+def _decode_rgb(image_module, path: str) -> np.ndarray:
+    """uint8 [H, W, 3] of the file; a file damaged past what the pre-check sees is a ValueError naming it."""
+    try:
+        with image_module.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:  # PIL reports damaged data with all three
+        raise ValueError(
+            f"{path} cannot be decoded ({type(e).__name__}: {e}) although its header and end look intact; "
+            "remove or replace it and rerun"
+        ) from None
 
 
 def _header_size(path: str) -> tuple[int, int]:
