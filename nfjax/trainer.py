@@ -94,11 +94,11 @@ class Watchdog:
             args = [sys.executable, "-c", WATCHDOG, str(os.getpid()), str(timeout_s), str(jax.process_index())]
             self._proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
 
-    def beat(self, state: str) -> None:
-        """Progress was made; ``state`` says where (shown if the watch fires later)."""
+    def beat(self, where) -> None:
+        """Progress was made; ``where()`` says where (shown if the watch fires later; only called when watching)."""
         if self._proc is not None:
             try:
-                self._proc.stdin.write(f"{state}\n".encode())
+                self._proc.stdin.write(f"{where()}\n".encode())
                 self._proc.stdin.flush()
             except OSError:  # the watch is gone: nothing to tell
                 self._proc = None
@@ -192,7 +192,7 @@ class TrainingLoop:
         self.progress = Progress(lengths.total_steps, start)
         preempt, final, done = Preemption(), {}, start
         watchdog = Watchdog(train.stall_timeout_s)
-        progress = lambda: f"last at step {done} (newest checkpoint: step {self.ckpt.latest_step()})"
+        where = lambda: f"last at step {done} (newest checkpoint: step {self.ckpt.latest_step()})"
         try:
             self._announce(start)
             batches = data_lib.build_train_iterator(
@@ -208,18 +208,18 @@ class TrainingLoop:
                 self._check_finite(metrics, step + 1, state)
                 interval.append(metrics)
                 done = step + 1
-                watchdog.beat(progress())
+                watchdog.beat(where)
                 self.progress.update(1, loss=float(metrics["loss"]), lr=float(metrics["lr"]))
                 if done % train.log_every_steps == 0 or done == end:
                     self._log_train(done, interval, time.time() - t0)
                     interval, t0 = [], time.time()
                 if done % lengths.eval_every == 0 or done == lengths.total_steps:
                     final = self._evaluate(state, done)
-                    watchdog.beat(progress())
+                    watchdog.beat(where)
                 stop = preempt.agreed()
                 if done % train.checkpoint_every_steps == 0 or done == end or stop:
                     self.ckpt.save(done, state, self.exp.checkpoint_meta())
-                    watchdog.beat(progress())
+                    watchdog.beat(where)
                 if stop:
                     self.progress.write(f"SIGTERM: saved a checkpoint at step {done}; rerun the same command to resume")
                     break
