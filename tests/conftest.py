@@ -10,7 +10,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from runs import CACHE_MIN_SECONDS  # noqa: E402
+from helpers import CACHE_MIN_SECONDS  # noqa: E402
 
 
 @pytest.fixture(scope="session")

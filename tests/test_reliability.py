@@ -20,7 +20,8 @@ import pytest
 from nfjax import evaluate as evaluate_lib
 from nfjax import train
 from nfjax.experiment import load_run
-from runs import (
+
+from helpers import (
     ROOT,
     assert_clean_error,
     checkpoint_steps,

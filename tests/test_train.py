@@ -23,7 +23,8 @@ from nfjax import optim, predict, train
 from nfjax.clipping import leaf_paths
 from nfjax.config_lib import load_config_file
 from nfjax.experiment import load_run
-from runs import (
+
+from helpers import (
     MAX_FLIPPED_EXAMPLES,
     ROOT,
     STEPS,
