@@ -125,17 +125,23 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         return TrainingLoop(exp, workdir, ckpt).run(state)
     except Exception as e:
         if jax.process_count() > 1:
-            exit_multiprocess_run(e)
+            exit_multiprocess_run(e, ckpt)
         raise
     finally:
         ckpt.close()
 
 
-def exit_multiprocess_run(error: Exception) -> None:
+def exit_multiprocess_run(error: Exception, ckpt: Checkpointer) -> None:
     """Ends a failed multi-process run at once: one message, exit status 2. Returning would run
     jax.distributed's shutdown, which waits for every peer (a dead one: until its heartbeat times out, 100 s)
     and then aborts with a C++ stack trace; pending checkpoint saves of a failed run are not worth that wait."""
-    message = str(error) if isinstance(error, (RunError, CheckpointSaveError)) else first_line(error)
+    if isinstance(error, (RunError, CheckpointSaveError)):
+        message = str(error)
+    else:  # e.g. a collective inside a barrier or an all-gather whose peer is gone
+        message = (
+            f"{first_line(error)}. In a multi-process run this usually means that another process died or hangs; "
+            f"rerun the same command on every process to resume from the checkpoint at step {ckpt.latest_step()}."
+        )
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(2)

@@ -4,6 +4,8 @@ import contextlib
 import hashlib
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from nfjax.metrics import read_metrics
@@ -68,3 +70,26 @@ def free_port():
     with contextlib.closing(socket.socket()) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch_two_processes(fmnist_dir, workdir, compile_cache, cwd, *extra):
+    """``python -m nfjax.train`` as two processes of one run (jax.distributed on loopback, gloo, one CPU device
+    each) on the tiny NF run; stdout and stderr of each are piped together (text)."""
+    port = free_port()
+    distributed = [
+        f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+        "--config.distributed.num_processes=2",
+        "--config.distributed.cpu_collectives=gloo",
+    ]
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "nfjax.train", *nf_args(fmnist_dir, workdir, *distributed, *extra)]
+            + [f"--config.distributed.process_id={i}"],
+            env=subprocess_env(compile_cache, devices=1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=cwd,
+        )
+        for i in range(2)
+    ]

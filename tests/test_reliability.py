@@ -25,7 +25,7 @@ from helpers import (
     ROOT,
     assert_clean_error,
     checkpoint_steps,
-    free_port,
+    launch_two_processes,
     nf_args,
     snapshot,
     subprocess_env,
@@ -336,31 +336,14 @@ def test_a_dead_or_hung_process_stops_the_other_in_bounded_time_and_both_resume(
 ):
     """SIGKILL: the survivor's next collective fails and it exits at once with one message. SIGSTOP (a hung
     process): the survivor blocks in a collective until its watchdog ends it after train.stall_timeout_s."""
-    workdir, port = tmp_path / "run", free_port()
-
-    def launch():
-        common = [
-            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-            "--config.distributed.num_processes=2",
-            "--config.distributed.cpu_collectives=gloo",
-            f"--config.train.stall_timeout_s={STALL_S}",
-            "--config.train.total_steps=24",
-            "--config.train.checkpoint_every_steps=4",
-            "--config.train.eval_every_steps=24",
-        ]
-        return [
-            subprocess.Popen(
-                [sys.executable, "-m", "nfjax.train", *nf_args(fmnist_dir, workdir, *common)]
-                + [f"--config.distributed.process_id={i}"],
-                env=subprocess_env(compile_cache, devices=1),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                cwd=tmp_path,
-            )
-            for i in range(2)
-        ]
-
+    workdir = tmp_path / "run"
+    run = (
+        f"--config.train.stall_timeout_s={STALL_S}",
+        "--config.train.total_steps=24",
+        "--config.train.checkpoint_every_steps=4",
+        "--config.train.eval_every_steps=24",
+    )
+    launch = lambda: launch_two_processes(fmnist_dir, workdir, compile_cache, tmp_path, *run)
     procs = launch()
     try:
         deadline = time.time() + 240
@@ -386,7 +369,6 @@ def test_a_dead_or_hung_process_stops_the_other_in_bounded_time_and_both_resume(
     procs[1].kill()
     procs[1].wait()
 
-    port = free_port()
     procs = launch()
     outputs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n\n".join(o[-3000:] for o in outputs)

@@ -9,8 +9,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -30,10 +28,9 @@ from helpers import (
     STEPS,
     assert_clean_error,
     checkpoint_steps,
-    free_port,
+    launch_two_processes,
     nf_args,
     snapshot,
-    subprocess_env,
     train_rows,
 )
 
@@ -83,25 +80,8 @@ def test_8_devices_equal_1_device(trained, fmnist_dir, tmp_path):
 
 def test_two_processes_equal_one_process(trained, fmnist_dir, tmp_path, compile_cache):
     """jax.distributed over loopback with gloo, one CPU device per process, same global batch and steps."""
-    workdir, port = tmp_path / "run", free_port()
-    distributed = [
-        f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-        "--config.distributed.num_processes=2",
-        "--config.distributed.cpu_collectives=gloo",
-        f"--config.train.max_steps={STEPS}",
-    ]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "nfjax.train", *nf_args(fmnist_dir, workdir, *distributed)]
-            + [f"--config.distributed.process_id={i}"],
-            env=subprocess_env(compile_cache, devices=1),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            cwd=tmp_path,
-        )
-        for i in range(2)
-    ]
+    workdir = tmp_path / "run"
+    procs = launch_two_processes(fmnist_dir, workdir, compile_cache, tmp_path, f"--config.train.max_steps={STEPS}")
     try:
         outputs = [p.communicate(timeout=240)[0] for p in procs]
     finally:
