@@ -4,7 +4,7 @@ consume it and none re-derives it.
     exp = build_experiment(cfg)              # dataset info, mesh, model, schedule lengths; validates cfg.train
     exp.optimizer                            # built on first use only (training, benchmarks)
     state = exp.create_state()               # or exp.restore_state(checkpointer)
-    step_fn, eval_fn = exp.train_step(), exp.eval_step()
+    step_fn, eval_fn = exp.train_step(), exp.eval_step
 
     run = load_run(workdir)                  # evaluation / prediction: config + weights, no optimizer
     run.experiment.evaluate(run.weights)     # top-1/top-5/loss of params (and EMA) over the eval split
@@ -131,9 +131,17 @@ class Experiment:
     # ------------------------------------------------------------------------------------- model, optimizer
 
     @functools.cached_property
+    def _abstract_model(self) -> tuple[Any, dict, dict]:
+        """(graphdef, params, batch_stats) of the model as ShapeDtypeStructs: traced once, nothing allocated."""
+        graphdef, params, stats = nnx.split(
+            nnx.eval_shape(lambda: self.model.build(nnx.Rngs(0))), nnx.Param, nnx.BatchStat
+        )
+        return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+
+    @property
     def graphdef(self):
         """The model's structure (no arrays); ``nnx.merge(graphdef, params, batch_stats)`` rebuilds it."""
-        return nnx.split(nnx.eval_shape(lambda: self.model.build(nnx.Rngs(0))))[0]
+        return self._abstract_model[0]
 
     @functools.cached_property
     def optimizer(self) -> optim.Optimizer:
@@ -180,9 +188,8 @@ class Experiment:
 
     def abstract_weights(self, keys: list[str]) -> dict:
         """Restore target for the weight trees ``keys`` (params, batch_stats, ema) with their shardings."""
-        _, params, stats = nnx.split(nnx.eval_shape(lambda: self.model.build(nnx.Rngs(0))), nnx.Param, nnx.BatchStat)
-        params = nnx.to_pure_dict(params)
-        trees = dict(params=params, batch_stats=nnx.to_pure_dict(stats))
+        _, params, stats = self._abstract_model
+        trees = dict(params=params, batch_stats=stats)
         trees["ema"] = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params)
         chosen = {k: trees[k] for k in keys}
         return abstract_like(chosen, parallel.param_sharding(self.mesh, chosen))

@@ -14,6 +14,7 @@ DATASET_STATS = {
 }
 
 DEFAULT_DATA_DIR = "~/tensorflow_datasets"
+DEFAULT_MAX_BAD_FRACTION = 0.001  # image folders: more unusable files than this fraction stop the run
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -24,7 +25,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.train_split = "train"  # TFDS split syntax works: "train[:90%]"
     c.eval_split = "validation"
     c.holdout_fraction = 0.0  # image_folder only: fraction of each class kept for split "holdout"
-    c.max_bad_fraction = 0.001  # image_folder only: unusable files are skipped and listed; more is an error
+    c.max_bad_fraction = (
+        DEFAULT_MAX_BAD_FRACTION  # image_folder only: unusable files are skipped and listed; more is an error
+    )
     c.num_train_examples = ml_collections.FieldReference(None, field_type=int)  # None: from the split
     c.image_size = ml_collections.FieldReference(224, field_type=int)  # None: native size
     c.eval_image_size = ml_collections.FieldReference(None, field_type=int)  # None: image_size

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nfjax.data.config import DEFAULT_MAX_BAD_FRACTION
 from nfjax.data.tf_lazy import import_tf, import_tfds
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -134,7 +135,13 @@ class ImageFolderSource:
     exists. Otherwise splits 'train' / 'holdout' / 'all' divide each class deterministically: files are
     ranked by a hash of their relative path and the first round(holdout_fraction * n) go to 'holdout'."""
 
-    def __init__(self, root: str, split: str = "train", holdout_fraction: float = 0.0, max_bad_fraction: float = 0.001):
+    def __init__(
+        self,
+        root: str,
+        split: str = "train",
+        holdout_fraction: float = 0.0,
+        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    ):
         """Files that cannot be used (empty, not an image, unsupported mode, truncated) are left out and listed
         in ``bad_files``; more than ``max_bad_fraction`` of them is an error naming some."""
         self.root = Path(os.path.expanduser(root))
@@ -293,7 +300,8 @@ def _list_image_folder(root: Path, split: str, holdout_fraction: float):
 def make_source(cfg, split: str):
     """The source for ``split`` of the dataset named in the data config."""
     if cfg.dataset == "image_folder":
-        return ImageFolderSource(cfg.data_dir, split, cfg.holdout_fraction, cfg.get("max_bad_fraction", 0.001))
+        limit = cfg.get("max_bad_fraction", DEFAULT_MAX_BAD_FRACTION)  # absent from configs saved by older runs
+        return ImageFolderSource(cfg.data_dir, split, cfg.holdout_fraction, limit)
     return TfdsSource(cfg.dataset, split, cfg.data_dir)
 
 
