@@ -101,7 +101,7 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Ma
     header: dict = {}
     offset, arrays = 0, []
     for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
+        array = np.asarray(tensors[name])  # tobytes() below writes C order; 0-d arrays stay 0-d
         if array.dtype not in _CODES:
             raise ValueError(f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot store here")
         array = array.astype(array.dtype.newbyteorder("<"), copy=False)
