@@ -296,11 +296,17 @@ class SavedRun(NamedTuple):
 
 
 def load_run(
-    workdir: str, *, num_devices: int | None = None, eval_split: str | None = None, eval_batch: int | None = None
+    workdir: str,
+    *,
+    num_devices: int | None = None,
+    eval_split: str | None = None,
+    eval_batch: int | None = None,
+    info: data_lib.DatasetInfo | None = None,
 ) -> SavedRun:
     """The newest checkpoint of the run in ``workdir`` on a mesh of ``num_devices`` (default: every visible
     device), with the run's config (``eval_split`` / ``eval_batch`` replace its data.eval_split /
-    train.eval_batch). Reads params, batch statistics and EMA only: no optimizer is built or restored."""
+    train.eval_batch; ``info`` replaces the dataset's, for prediction without it). Reads params, batch statistics
+    and EMA only: no optimizer is built or restored."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir} does not exist; pass the --workdir of a training run")
@@ -312,7 +318,7 @@ def load_run(
         )
     cfg.data.eval_split = eval_split or cfg.data.eval_split
     cfg.train.eval_batch = eval_batch or cfg.train.eval_batch
-    exp = build_experiment(cfg, num_devices=num_devices, training=False)
+    exp = build_experiment(cfg, num_devices=num_devices, info=info, training=False)
     ckpt = exp.checkpointer(workdir, create=False)
     try:
         read = lambda step: ckpt.restore_weights(exp.abstract_weights(ckpt.read_meta(step)["weights"]), step)
