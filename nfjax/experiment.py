@@ -302,11 +302,12 @@ def load_run(
     eval_split: str | None = None,
     eval_batch: int | None = None,
     info: data_lib.DatasetInfo | None = None,
+    data_dir: str | None = None,
 ) -> SavedRun:
     """The newest checkpoint of the run in ``workdir`` on a mesh of ``num_devices`` (default: every visible
     device), with the run's config (``eval_split`` / ``eval_batch`` replace its data.eval_split /
-    train.eval_batch; ``info`` replaces the dataset's, for prediction without it). Reads params, batch statistics
-    and EMA only: no optimizer is built or restored."""
+    train.eval_batch, ``data_dir`` its data.data_dir; ``info`` replaces the dataset's, for prediction without
+    it). Reads params, batch statistics and EMA only: no optimizer is built or restored."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir} does not exist; pass the --workdir of a training run")
@@ -318,6 +319,7 @@ def load_run(
         )
     cfg.data.eval_split = eval_split or cfg.data.eval_split
     cfg.train.eval_batch = eval_batch or cfg.train.eval_batch
+    cfg.data.data_dir = data_dir or cfg.data.data_dir
     exp = build_experiment(cfg, num_devices=num_devices, info=info, training=False)
     ckpt = exp.checkpointer(workdir, create=False)
     try:

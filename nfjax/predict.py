@@ -1,8 +1,9 @@
 """Top-k predictions for image files: ``python -m nfjax.predict --workdir DIR IMAGE... [--top-k 5]``.
 
-Restores the newest checkpoint of the run in DIR (its EMA weights when the run keeps them), preprocesses each
-image as the run's evaluation pipeline does (channels converted to the dataset's, the eval resize/center crop,
-the pipeline's mean/std normalization) and prints, per image, the top-k class names with probabilities:
+Restores the newest checkpoint of the run in DIR, or the weights of a folder written by ``nfjax.convert`` (EMA
+weights when the run keeps them), preprocesses each image as the run's evaluation pipeline does (channels
+converted to the dataset's, the eval resize/center crop, the mean/std normalization) and prints, per image,
+the top-k class names with probabilities:
 
     shoe.png
       0.9123  Ankle boot
@@ -24,6 +25,7 @@ import numpy as np
 
 from nfjax import parallel
 from nfjax.cli import run_parsed
+from nfjax.convert.pretrained import dataset_info, read_record
 from nfjax.data import augment, source_info
 from nfjax.data.config import mean_std
 from nfjax.data.pipeline import batch_image_shape
@@ -50,11 +52,16 @@ def read_image(path: str, channels: int) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
-def preprocess(images: list[np.ndarray], data_cfg) -> np.ndarray:
-    """uint8 [H, W, C] images -> float32 [N, S, S, C'] exactly as the eval pipeline prepares its batches."""
+def input_format(data_cfg) -> tuple[int, int | None]:
+    """(channels of the files as read, eval image size) of a run's evaluation pipeline."""
     info = source_info(make_source(data_cfg, data_cfg.eval_split), data_cfg, train=False)
-    channels = info.image_shape[-1]
-    size = batch_image_shape(data_cfg, info, train=False)[0]
+    return info.image_shape[-1], batch_image_shape(data_cfg, info, train=False)[0]
+
+
+def preprocess(images: list[np.ndarray], data_cfg, size_channels: tuple[int, int | None] | None = None) -> np.ndarray:
+    """uint8 [H, W, C] images -> float32 [N, S, S, C'] exactly as the eval pipeline prepares its batches.
+    ``size_channels``: (channels, size) when known without the dataset (a converted weights folder)."""
+    channels, size = size_channels or input_format(data_cfg)
     mean, std = mean_std(data_cfg, channels)
     tf = import_tf()
     out = []
@@ -68,12 +75,16 @@ def predict(workdir: str, paths: list[str], top_k: int = 5) -> list[list[tuple[s
     """Per image, the ``top_k`` (class name, probability) pairs, most likely first."""
     if top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {top_k}")
-    data_cfg = load_config(os.path.abspath(os.path.expanduser(workdir))).data
-    channels = make_source(data_cfg, data_cfg.eval_split).info().image_shape[-1]
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    data_cfg = load_config(workdir).data
+    record = read_record(workdir)  # a converted weights folder: no dataset to read the format from
+    known = (record["in_channels"], data_cfg.eval_image_size) if record else None
+    channels = known[0] if known else make_source(data_cfg, data_cfg.eval_split).info().image_shape[-1]
     images = [read_image(p, channels) for p in paths]  # unreadable files fail before the model is loaded
-    run = load_run(workdir, num_devices=1)  # any number of images: no batch split over devices
+    # any number of images: no batch split over devices
+    run = load_run(workdir, num_devices=1, info=dataset_info(record) if record else None)
     exp = run.experiment
-    batch = preprocess(images, exp.cfg.data)
+    batch = preprocess(images, exp.cfg.data, known)
     weights = run.weights.get("ema", run.weights["params"])
     logits, _ = jax.jit(lambda p, s, x: apply_model(exp.graphdef, p, s, x, train=False))(
         weights, run.weights.get("batch_stats", {}), batch
@@ -88,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m nfjax.predict", description="Top-k class predictions of a trained run for image files."
     )
-    parser.add_argument("--workdir", required=True, help="the --workdir of a training run")
+    parser.add_argument(
+        "--workdir", required=True, help="the --workdir of a training run, or a folder of converted weights"
+    )
     parser.add_argument("--top-k", type=int, default=5, help="classes to print per image (default 5)")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG)")
     return parser
