@@ -84,7 +84,7 @@ def convert_deepmind(
     return pt.save_pretrained(
         out,
         model=model,
-        model_kwargs={},
+        model_kwargs=model_kwargs or {},
         weights=weights,
         source=source,
         prep=prep,
