@@ -27,6 +27,28 @@ SMALL_TWIN = dict(
 )
 
 
+# timm's NFNet-L family ("light" NFNets, timm's own layout): depths, final conv multiplier, and the train /
+# test sizes of timm's default_cfgs; dropout as the F variant of the same depths.
+NFNET_L_VARIANTS = {
+    "l0": dict(depths=(1, 2, 6, 3), final_conv_mult=1.5, drop_rate=0.2, train_size=224, test_size=288),
+    "l1": dict(depths=(2, 4, 12, 6), final_conv_mult=2.0, drop_rate=0.3, train_size=256, test_size=320),
+    "l2": dict(depths=(3, 6, 18, 9), final_conv_mult=2.0, drop_rate=0.4, train_size=320, test_size=384),
+}
+NFNET_L_LAYOUT = dict(
+    widths=NFNET_WIDTHS,
+    activation="silu",
+    bottleneck_ratio=0.25,
+    group_size=64,
+    se_ratio=0.25,
+    se_divisor=8,
+    padding="symmetric",
+    gamma_in_conv=True,
+    skipinit=False,
+    ws_eps_mode="add",
+    ws_eps=1e-5,
+)
+
+
 def _nfnet_rows() -> dict[str, tuple[type, dict, dict]]:
     rows = {}
     for variant, v in NFNET_VARIANTS.items():
@@ -35,6 +57,12 @@ def _nfnet_rows() -> dict[str, tuple[type, dict, dict]]:
         base = dict(depths=v["depths"], drop_rate=v["drop_rate"])
         rows[f"nfnet_{variant.lower()}"] = (NFNet, base | dict(widths=NFNET_WIDTHS), meta)
         rows[f"nfnet_{variant.lower()}plus"] = (NFNet, base | dict(widths=NFNET_PLUS_WIDTHS), meta)
+    for variant, v in NFNET_L_VARIANTS.items():
+        meta = {"family": "nfnet", "normalizer_free": True, "train_size": v["train_size"], "test_size": v["test_size"]}
+        kwargs = NFNET_L_LAYOUT | {k: v[k] for k in ("depths", "final_conv_mult", "drop_rate")}
+        rows[f"eca_nfnet_{variant}"] = (NFNet, kwargs | dict(attention="eca"), meta)
+        if variant == "l0":
+            rows["nfnet_l0"] = (NFNet, kwargs | dict(attention="se"), meta)
     return rows
 
 

@@ -51,18 +51,27 @@ _BASE_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
-def activation_fn(name: str, scaled: bool = True) -> Callable[[jax.Array], jax.Array]:
-    """Returns ``act(x) * gamma`` (``scaled=True``) or the plain activation.
-
-    ``gelu_exact`` shares GELU's gamma: the two forms differ by < 1e-3 in the output.
-    """
+def activation_gamma(name: str) -> float:
+    """The gamma of activation ``name``; ``gelu_exact`` shares GELU's (the two forms differ by < 1e-3)."""
     if name not in _BASE_ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; valid: {sorted(_BASE_ACTIVATIONS)}")
+    return GAMMA["gelu" if name == "gelu_exact" else name]
+
+
+def activation_fn(name: str, scaled: bool = True) -> Callable[[jax.Array], jax.Array]:
+    """Returns ``act(x) * gamma`` (``scaled=True``) or the plain activation (gamma folded into the convs)."""
+    gamma = activation_gamma(name)
     base = _BASE_ACTIVATIONS[name]
     if not scaled:
         return base
-    gamma = GAMMA["gelu" if name == "gelu_exact" else name]
     return lambda x: base(x) * jnp.asarray(gamma, x.dtype)
+
+
+def make_divisible(value: float, divisor: int, round_limit: float = 0.0) -> int:
+    """``value`` rounded to the nearest multiple of ``divisor`` (at least ``divisor``), bumped up one multiple
+    when rounding lost more than ``1 - round_limit`` of it: timm's channel rounding."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < round_limit * value else rounded
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -147,12 +156,31 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
 
 
+def resolve_padding(padding: Padding, kernel_size: Sequence[int], strides: Sequence[int]) -> Padding:
+    """'symmetric' -> explicit PyTorch-style padding ((s - 1) + (k - 1)) // 2 on both sides of each spatial
+    axis (timm's non-``dm_`` models); 'SAME' (TF/Haiku: the extra pixel of a stride-2 conv goes after), 'VALID'
+    and explicit pairs pass through."""
+    if padding != "symmetric":
+        return padding
+    pads = [((s - 1) + (k - 1)) // 2 for k, s in zip(kernel_size, strides, strict=True)]
+    return tuple((p, p) for p in pads)
+
+
+def conv_padding(padding: str) -> str:
+    """A model's ``padding`` option -> WSConv's: 'same' (TF/Haiku) -> 'SAME', 'symmetric' (PyTorch) as is."""
+    if padding not in ("same", "symmetric"):
+        raise ValueError(f"padding must be 'same' (TF/Haiku) or 'symmetric' (PyTorch), got {padding!r}")
+    return "SAME" if padding == "same" else "symmetric"
+
+
 class WSConv(nnx.Module):
     """Conv2D with scaled weight standardization (NF-ResNet / NFNet), a learnable gain and a bias.
 
     Parameters: ``kernel`` [kh, kw, in/groups, out] (variance scaling 1.0, fan_in, normal), ``gain`` [out] (1),
     ``bias`` [out] (0). The kernel is standardized in float32 on every call, then cast to ``dtype``.
-    ``gamma`` folds an activation gamma into the kernel (timm's non-``dm_`` models).
+    ``gamma`` folds an activation gamma into the kernel (timm's non-``dm_`` models); ``gain_init`` 0 makes a
+    residual branch start silent without a SkipInit scalar (timm's ``skipinit=False`` layout);
+    ``padding='symmetric'`` pads like PyTorch (see :func:`resolve_padding`).
     """
 
     def __init__(
@@ -169,6 +197,7 @@ class WSConv(nnx.Module):
         gamma: float = 1.0,
         grouped_impl: GroupedConvImpl = "auto",
         dtype: jnp.dtype | None = None,
+        gain_init: float = 1.0,
         *,
         rngs: nnx.Rngs,
     ):
@@ -178,10 +207,10 @@ class WSConv(nnx.Module):
         shape = (kh, kw, in_features // groups, out_features)
         init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal")
         self.kernel = nnx.Param(init(rngs.params(), shape, jnp.float32))
-        self.gain = nnx.Param(jnp.ones((out_features,), jnp.float32))
+        self.gain = nnx.Param(jnp.full((out_features,), gain_init, jnp.float32))
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
         self.strides = _pair(strides)
-        self.padding = padding
+        self.padding = resolve_padding(padding, (kh, kw), self.strides)
         self.groups = groups
         self.eps = eps
         self.eps_mode = eps_mode
@@ -271,11 +300,14 @@ class SqueezeExcite(nnx.Module):
     """Squeeze-and-excite gate: mean over H, W -> fc0 -> ReLU -> fc1 -> sigmoid; returns [N, 1, 1, C].
 
     The ReLU is plain (no gamma): the released NFNet weights were trained that way.
-    hidden = max(1, int(in_features * ratio)).
+    hidden = max(1, int(in_features * ratio)) (DeepMind), or with ``divisor`` > 0 timm's
+    make_divisible(in_features * ratio, divisor) (the same numbers for the zoo's widths).
     """
 
-    def __init__(self, in_features: int, out_features: int, ratio: float, dtype=None, *, rngs: nnx.Rngs):
-        hidden = max(1, int(in_features * ratio))
+    def __init__(
+        self, in_features: int, out_features: int, ratio: float, dtype=None, divisor: int = 0, *, rngs: nnx.Rngs
+    ):
+        hidden = make_divisible(in_features * ratio, divisor) if divisor else max(1, int(in_features * ratio))
         self.fc0 = Linear(in_features, hidden, dtype=dtype, rngs=rngs)
         self.fc1 = Linear(hidden, out_features, dtype=dtype, rngs=rngs)
 
@@ -283,6 +315,42 @@ class SqueezeExcite(nnx.Module):
         h = jnp.mean(x, axis=(1, 2))
         h = self.fc1(jax.nn.relu(self.fc0(h)))
         return jax.nn.sigmoid(h)[:, None, None, :]
+
+
+def eca_kernel_size(channels: int) -> int:
+    """ECA-Net's adaptive kernel size: t = int(|log2(C) + 1| / 2), the next odd number from t, at least 3."""
+    t = int(abs(math.log(channels, 2) + 1) / 2)
+    return max(t if t % 2 else t + 1, 3)
+
+
+class EfficientChannelAttention(nnx.Module):
+    """ECA gate (Wang et al. 2020, timm's EcaModule): mean over H, W -> 1-D conv across channels (zero padding,
+    no bias) -> sigmoid; returns [N, 1, 1, C]. Parameter: ``kernel`` [k], k = :func:`eca_kernel_size`, init
+    uniform(+-1/sqrt(k)) (PyTorch's Conv1d default)."""
+
+    def __init__(self, channels: int, dtype=None, *, rngs: nnx.Rngs):
+        size = eca_kernel_size(channels)
+        bound = 1.0 / math.sqrt(size)
+        self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (size,), jnp.float32, -bound, bound))
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        h = jnp.mean(x, axis=(1, 2)).astype(dtype)  # [N, C]
+        kernel = self.kernel[...].astype(dtype)
+        size, channels = kernel.shape[0], h.shape[-1]
+        pad = (size - 1) // 2
+        padded = jnp.pad(h, ((0, 0), (pad, size - 1 - pad)))
+        # Cross-correlation (PyTorch's conv): out[c] = sum_j kernel[j] * h[c + j - pad].
+        out = sum(kernel[j] * padded[:, j : j + channels] for j in range(size))
+        return jax.nn.sigmoid(out)[:, None, None, :]
+
+
+def attention_kind(attention: str | None) -> str | None:
+    """Validates a block's ``attention`` option: 'se' (squeeze-excite, on when se_ratio > 0), 'eca' or None."""
+    if attention not in ("se", "eca", None):
+        raise ValueError(f"attention must be 'se', 'eca' or None, got {attention!r}")
+    return attention
 
 
 def stochastic_depth(
@@ -450,14 +518,17 @@ def blocks_and_head(model, x, *, train: bool, key, return_stats: bool, pre_pool=
 
 
 def nf_merge_residual(block, branch, shortcut, *, train: bool, key, stats: list | None):
-    """The tail every NF block shares: branch = 2 * SE(branch) * branch (if ``block.se``);
-    out = shortcut + alpha * skip_gain * stochastic_depth(branch); appends the signal statistics of ``out`` and
-    the residual variance (before stochastic depth and SkipInit) to ``stats`` when given."""
-    if block.se is not None:
-        branch = 2.0 * block.se(branch) * branch
+    """The tail every NF block shares: branch = 2 * gate(branch) * branch (``block.se`` or ``block.eca``, if
+    any); out = shortcut + alpha * skip_gain * stochastic_depth(branch) (no skip_gain factor when the block has
+    none); appends the signal statistics of ``out`` and the residual variance (before stochastic depth and
+    SkipInit) to ``stats`` when given."""
+    for gate in (block.se, block.eca):
+        if gate is not None:
+            branch = 2.0 * gate(branch) * branch
     residual = branch
     branch = stochastic_depth(branch, block.stochdepth_rate, key, train)
-    out = shortcut + branch * (block.skip_gain[...].astype(branch.dtype) * block.alpha)
+    scale = block.alpha if block.skip_gain is None else block.skip_gain[...].astype(branch.dtype) * block.alpha
+    out = shortcut + branch * scale
     if stats is not None:
         stats.append({**channel_stats(out), "res_avg_var": channel_stats(residual)["avg_var"]})
     return out

@@ -2,7 +2,8 @@
 
 Scaled weight standardization, gamma-scaled ReLU, beta = 1/expected_std on each block's input, alpha on the
 residual branch, SkipInit (``skip_gain``, init 0). Bottleneck blocks for the ImageNet models; basic blocks and a
-3x3 stride-1 stem for the small-image twin used on 28-32 px data.
+3x3 stride-1 stem for the small-image twin used on 28-32 px data. Options reproduce timm's ``nf_resnet`` layout
+(PyTorch padding, avg-pool shortcuts, gamma folded into the convs, no SkipInit scalar; see :class:`NFResNet`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ NF_RESNET_DEPTHS = {
 class NFResBlock(nnx.Module):
     """Pre-activation residual block; ``kind`` 'bottleneck' (1x1 -> 3x3 stride -> 1x1) or 'basic' (3x3 x2).
 
-    out = act(x) * beta; shortcut = conv_shortcut(out) (1x1, stride) when the shape changes, else x;
-    branch = convs(out) [-> 2 * SE * branch]; return shortcut + alpha * skip_gain * stochdepth(branch).
+    out = act(x) * beta; shortcut = conv_shortcut(out) (1x1, stride) when the shape changes, else x
+    (``shortcut='avgpool'``: conv_shortcut(avg_pool_2x2(out)) with a stride-1 conv when strided);
+    branch = convs(out) [-> 2 * attention * branch]; return shortcut + alpha * skip_gain * stochdepth(branch).
     """
 
     def __init__(
@@ -47,32 +49,46 @@ class NFResBlock(nnx.Module):
         stochdepth_rate: float = 0.0,
         activation: str = "relu",
         skipinit_gain: float = 0.0,
+        skipinit: bool = True,
+        gamma_in_conv: bool = False,
+        shortcut: str = "conv",
+        attention: str | None = "se",
+        se_divisor: int = 0,
         conv=L.WSConv,
         dtype=None,
         rngs: nnx.Rngs,
     ):
+        if shortcut not in ("conv", "avgpool"):
+            raise ValueError(f"shortcut must be 'conv' (DeepMind) or 'avgpool' (timm), got {shortcut!r}")
         self.beta, self.alpha, self.kind = beta, alpha, kind
         self.stochdepth_rate = stochdepth_rate
-        self.act = L.activation_fn(activation)
+        self.act = L.activation_fn(activation, scaled=not gamma_in_conv)
+        last_gain = 1.0 if skipinit else 0.0
         if kind == "bottleneck":
             width = int(out_ch * bottleneck_ratio)
             self.conv0 = conv(in_ch, width, 1, rngs=rngs)
             self.conv1 = conv(width, width, 3, strides=stride, rngs=rngs)
-            self.conv2 = conv(width, out_ch, 1, rngs=rngs)
+            self.conv2 = conv(width, out_ch, 1, gain_init=last_gain, rngs=rngs)
         elif kind == "basic":
             self.conv0 = conv(in_ch, out_ch, 3, strides=stride, rngs=rngs)
-            self.conv1 = conv(out_ch, out_ch, 3, rngs=rngs)
+            self.conv1 = conv(out_ch, out_ch, 3, gain_init=last_gain, rngs=rngs)
             self.conv2 = None
         else:
             raise ValueError(f"block kind must be 'bottleneck' or 'basic', got {kind!r}")
         projection = stride > 1 or in_ch != out_ch
-        self.conv_shortcut = conv(in_ch, out_ch, 1, strides=stride, rngs=rngs) if projection else None
-        self.se = L.SqueezeExcite(out_ch, out_ch, se_ratio, dtype=dtype, rngs=rngs) if se_ratio else None
-        self.skip_gain = nnx.Param(jnp.full((), skipinit_gain, jnp.float32))
+        self.pool_shortcut = shortcut == "avgpool" and stride > 1
+        shortcut_stride = 1 if self.pool_shortcut else stride
+        self.conv_shortcut = conv(in_ch, out_ch, 1, strides=shortcut_stride, rngs=rngs) if projection else None
+        use_se = L.attention_kind(attention) == "se" and se_ratio
+        self.se = L.SqueezeExcite(out_ch, out_ch, se_ratio, dtype, se_divisor, rngs=rngs) if use_se else None
+        self.eca = L.EfficientChannelAttention(out_ch, dtype, rngs=rngs) if attention == "eca" else None
+        self.skip_gain = nnx.Param(jnp.full((), skipinit_gain, jnp.float32)) if skipinit else None
 
     def __call__(self, x, *, train: bool = False, key=None, stats: list | None = None):
         out = self.act(x) * jnp.asarray(self.beta, x.dtype)
-        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(out)
+        shortcut = x
+        if self.conv_shortcut is not None:
+            shortcut = self.conv_shortcut(L.avg_pool_2x2(out) if self.pool_shortcut else out)
         out = self.conv0(out)
         out = self.conv1(self.act(out))
         if self.conv2 is not None:
@@ -85,6 +101,11 @@ class NFResNet(nnx.Module):
 
     ``__call__(x, train=False, key=None, return_stats=False)`` -> logits [N, classes] float32
     (and the per-block signal propagation statistics when ``return_stats``).
+
+    timm's ``nf_resnet`` layout: ``padding='symmetric'`` (PyTorch padding for the convs and the max-pool),
+    ``shortcut='avgpool'`` (2x2 average pool, then a stride-1 1x1 conv), ``gamma_in_conv=True`` (activation
+    gamma folded into every conv, plain activations), ``skipinit=False`` (no skip_gain; last conv gain starts
+    at 0), ``ws_eps_mode='add'``, ``ws_eps=1e-5``. ``attention`` 'se' (with ``se_ratio``) or 'eca'.
     """
 
     def __init__(
@@ -107,13 +128,22 @@ class NFResNet(nnx.Module):
         skipinit_gain: float = 0.0,
         ws_eps: float = 1e-4,
         ws_eps_mode: str = "floor",
+        padding: str = "same",
+        shortcut: str = "conv",
+        gamma_in_conv: bool = False,
+        skipinit: bool = True,
+        attention: str | None = "se",
+        se_divisor: int = 0,
         dtype=None,
         rngs: nnx.Rngs,
     ):
         if stem not in ("imagenet", "small"):
             raise ValueError(f"stem must be 'imagenet' or 'small', got {stem!r}")
-        conv = partial(L.WSConv, eps=ws_eps, eps_mode=ws_eps_mode, dtype=dtype)
-        self.act = L.activation_fn(activation)
+        gamma = L.activation_gamma(activation) if gamma_in_conv else 1.0
+        pad = L.conv_padding(padding)
+        conv = partial(L.WSConv, eps=ws_eps, eps_mode=ws_eps_mode, padding=pad, gamma=gamma, dtype=dtype)
+        self.act = L.activation_fn(activation, scaled=not gamma_in_conv)
+        self.pool_padding = "SAME" if pad == "SAME" else ((1, 1), (1, 1))
         self.dtype, self.drop_rate, self.stem_kind = dtype, drop_rate, stem
         if stem == "imagenet":
             self.stem_conv = conv(in_channels, stem_width, 7, strides=2, rngs=rngs)
@@ -134,6 +164,11 @@ class NFResNet(nnx.Module):
                 activation=activation,
                 stochdepth_rate=stochdepth_rate * i / num_blocks,
                 skipinit_gain=skipinit_gain,
+                skipinit=skipinit,
+                gamma_in_conv=gamma_in_conv,
+                shortcut=shortcut,
+                attention=attention,
+                se_divisor=se_divisor,
                 conv=conv,
                 dtype=dtype,
                 rngs=rngs,
@@ -151,5 +186,5 @@ class NFResNet(nnx.Module):
             x = x.astype(self.dtype)
         x = self.stem_conv(x)
         if self.stem_kind == "imagenet":
-            x = L.max_pool_3x3_s2(x)
+            x = L.max_pool_3x3_s2(x, self.pool_padding)
         return L.blocks_and_head(self, x, train=train, key=key, return_stats=return_stats, pre_pool=self.act)

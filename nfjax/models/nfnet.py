@@ -1,7 +1,10 @@
-"""NFNet F0..F7 (Brock et al. 2021b), DeepMind layout, as Flax NNX modules.
+"""NFNet F0..F7 (Brock et al. 2021b), DeepMind layout by default, as Flax NNX modules.
 
 Parameter names follow the reference release (stem_conv0..3, blocks[i].conv0/conv1/conv1b/conv2/conv_shortcut,
 se.fc0/fc1, skip_gain, final_conv) with Flax's ``kernel``/``bias`` for weights; the classifier is ``classifier``.
+Options reproduce timm's layouts exactly (its NFNet-L family, ``dm_nfnet``): PyTorch ``padding='symmetric'``,
+the activation gamma folded into every conv (``gamma_in_conv``), no SkipInit scalar (``skipinit=False``: the
+last conv's gain starts at 0 instead), ECA attention, and timm's SE width rounding (``se_divisor``).
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ class NFBlock(nnx.Module):
         use_two_convs: bool = True,
         activation: str = "gelu",
         skipinit_gain: float = 0.0,
+        skipinit: bool = True,
+        gamma_in_conv: bool = False,
+        attention: str | None = "se",
+        se_divisor: int = 0,
         conv=L.WSConv,
         dtype=None,
         rngs: nnx.Rngs,
@@ -58,14 +65,16 @@ class NFBlock(nnx.Module):
         width = group_size * groups if width >= group_size else width
         self.stride, self.beta, self.alpha = stride, beta, alpha
         self.stochdepth_rate = stochdepth_rate
-        self.act = L.activation_fn(activation)
+        self.act = L.activation_fn(activation, scaled=not gamma_in_conv)
         self.conv0 = conv(in_ch, width, 1, rngs=rngs)
         self.conv1 = conv(width, width, 3, strides=stride, groups=groups, rngs=rngs)
         self.conv1b = conv(width, width, 3, groups=groups, rngs=rngs) if use_two_convs else None
-        self.conv2 = conv(width, out_ch, 1, rngs=rngs)
+        self.conv2 = conv(width, out_ch, 1, gain_init=1.0 if skipinit else 0.0, rngs=rngs)
         self.conv_shortcut = conv(in_ch, out_ch, 1, rngs=rngs) if stride > 1 or in_ch != out_ch else None
-        self.se = L.SqueezeExcite(out_ch, out_ch, se_ratio, dtype=dtype, rngs=rngs) if se_ratio else None
-        self.skip_gain = nnx.Param(jnp.full((), skipinit_gain, jnp.float32))
+        use_se = L.attention_kind(attention) == "se" and se_ratio
+        self.se = L.SqueezeExcite(out_ch, out_ch, se_ratio, dtype, se_divisor, rngs=rngs) if use_se else None
+        self.eca = L.EfficientChannelAttention(out_ch, dtype, rngs=rngs) if attention == "eca" else None
+        self.skip_gain = nnx.Param(jnp.full((), skipinit_gain, jnp.float32)) if skipinit else None
 
     def __call__(self, x, *, train: bool = False, key=None, stats: list | None = None):
         out = self.act(x) * jnp.asarray(self.beta, x.dtype)
@@ -91,6 +100,11 @@ class NFNet(nnx.Module):
     ``__call__(x, train=False, key=None, return_stats=False)``: x [N, H, W, C] -> logits [N, classes] (float32).
     ``key`` drives stochastic depth and dropout in training; ``return_stats`` also returns per-block signal
     propagation statistics stacked over blocks.
+
+    timm layouts: ``padding`` 'same' (TF/Haiku, default) or 'symmetric' (PyTorch); ``gamma_in_conv`` folds the
+    activation gamma into every WSConv (stem, shortcut and final conv too) and uses plain activations;
+    ``skipinit=False`` drops the skip_gain scalars and starts each block's last conv gain at 0; ``attention``
+    'se' (with ``se_ratio``; ``se_divisor`` > 0 rounds its width like timm) or 'eca'.
     """
 
     def __init__(
@@ -114,12 +128,25 @@ class NFNet(nnx.Module):
         skipinit_gain: float = 0.0,
         ws_eps: float = 1e-4,
         ws_eps_mode: str = "floor",
+        padding: str = "same",
+        gamma_in_conv: bool = False,
+        skipinit: bool = True,
+        attention: str | None = "se",
+        se_divisor: int = 0,
         grouped_impl: L.GroupedConvImpl = "auto",
         dtype=None,
         rngs: nnx.Rngs,
     ):
-        conv = partial(L.WSConv, eps=ws_eps, eps_mode=ws_eps_mode, grouped_impl=grouped_impl, dtype=dtype)
-        self.act = L.activation_fn(activation)
+        conv = partial(
+            L.WSConv,
+            eps=ws_eps,
+            eps_mode=ws_eps_mode,
+            padding=L.conv_padding(padding),
+            gamma=L.activation_gamma(activation) if gamma_in_conv else 1.0,
+            grouped_impl=grouped_impl,
+            dtype=dtype,
+        )
+        self.act = L.activation_fn(activation, scaled=not gamma_in_conv)
         self.dtype = dtype
         self.drop_rate = drop_rate
         stem_out = widths[0] // 2
@@ -144,6 +171,10 @@ class NFNet(nnx.Module):
                 use_two_convs=use_two_convs,
                 activation=activation,
                 skipinit_gain=skipinit_gain,
+                skipinit=skipinit,
+                gamma_in_conv=gamma_in_conv,
+                attention=attention,
+                se_divisor=se_divisor,
                 conv=conv,
                 dtype=dtype,
                 rngs=rngs,
