@@ -38,7 +38,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.flip = True
     c.randaugment_layers = 0  # 0: off
     c.randaugment_magnitude = 10.0
-    c.randaugment_variant = "deepmind"  # 'deepmind' (16 ops, always applied) | 'timm' (rand-mM-mstdS-inc1)
+    c.randaugment_variant = "deepmind"  # 'deepmind' (DeepMind's ops, bit-exact) | 'deepmind_fixed' | 'timm'
     c.randaugment_magnitude_std = 0.5  # timm only
     c.randaugment_prob = 0.5  # timm only: each layer applies its op with this probability
     c.mixup_alpha = 0.0
