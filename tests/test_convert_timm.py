@@ -103,6 +103,23 @@ def test_export_round_trip_is_exact(name):
     assert back_classes == classes and tree_equal(back, weights)
 
 
+def test_deepmind_eps_convention_is_compensated_in_the_gains():
+    """timm adds eps 1e-5 to the variance, DeepMind floors fan_in * var at 1e-4: importing into (exporting from)
+    the DeepMind convention refolds the gains so the convolutions compute the same kernels."""
+    record, state, expected = fixture("dm_nfnet")
+    floor = dict(ws_eps_mode="floor", ws_eps=1e-4)
+    weights, classes = tl.timm_to_nfjax(state, "dm_nfnet_f0", model_kwargs={**record["model_kwargs"], **floor})
+    np.testing.assert_allclose(logits_of(record, weights, classes, **floor), expected, atol=1e-4, rtol=0)
+    unfolded, _ = converted("dm_nfnet")
+    assert np.abs(logits_of(record, unfolded, classes, **floor) - expected).max() > 1e-3
+    # DeepMind's layout in full (tanh GELU too) exports to dm_nfnet with only the GELU approximation left.
+    deepmind = dict(activation="gelu", **floor)
+    np.testing.assert_allclose(logits_of(record, weights, classes, **deepmind), expected, atol=2e-3, rtol=0)
+    back = tl.nfjax_to_timm(weights, "nfnet_f0", nfjax_kwargs(record, **floor), classes)
+    for key, value in state.items():
+        np.testing.assert_allclose(back[key], value, rtol=1e-6, atol=0, err_msg=key)
+
+
 def test_every_mismatch_is_named():
     record, state, _ = fixture("dm_nfnet")
     broken = dict(state)

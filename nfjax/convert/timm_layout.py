@@ -57,9 +57,11 @@ _TRAINING_ONLY = {
     "bn_ghost_size",
     "zero_init_last",
 }
-# Arguments in which timm's dm_nfnet deliberately differs from DeepMind's layout: timm runs DeepMind's weights
-# with erf GELU and eps added (1e-5) instead of floored (1e-4); an nfjax model trained either way exports to it.
+# Arguments in which timm's dm_nfnet differs from DeepMind's layout without changing a parameter at the zoo's
+# sizes: eps conventions (exactly compensated in the gains, see refold_gains) and SE width rounding.
 _DM_NUMERICS = {"ws_eps", "ws_eps_mode", "se_divisor"}
+# Every ScaledStdConv2d of the timm models above: eps 1e-5 added to the variance.
+TIMM_WS_EPS = ("add", 1e-5)
 
 _SHAPES = {
     "same": lambda s: tuple(s),
@@ -189,6 +191,34 @@ def name_table(model_name: str, model_kwargs: Mapping | None, num_classes: int) 
     return table
 
 
+def _ws_scale(kernel: np.ndarray, mode: str, eps: float) -> np.ndarray:
+    """Per output channel, what weight standardization multiplies (w - mean) by (before the gain), float64."""
+    w = np.asarray(kernel, np.float64).reshape(-1, kernel.shape[-1])
+    fan_in, var = w.shape[0], w.var(axis=0)
+    return 1 / np.sqrt(np.maximum(var * fan_in, eps)) if mode == "floor" else 1 / np.sqrt(fan_in * (var + eps))
+
+
+def refold_gains(params: Mapping, source: tuple[str, float], target: tuple[str, float]) -> dict:
+    """nfjax params whose WSConvs compute, under eps convention ``target`` ((mode, eps)), the standardized
+    kernels they computed under ``source``: each gain times scale_source / scale_target (same raw kernels).
+    Makes a DeepMind-layout model (eps floored at 1e-4) and timm's (eps 1e-5 added) the same function."""
+    flat = dict(flatten(params))
+    if tuple(source) == tuple(target):
+        return unflatten(flat)
+    for path, gain in flat.items():
+        if path[-1] == "gain":
+            kernel = flat[path[:-1] + ("kernel",)]
+            factor = _ws_scale(kernel, *source) / _ws_scale(kernel, *target)
+            flat[path] = (np.asarray(gain, np.float64) * factor).astype(np.float32)
+    return unflatten(flat)
+
+
+def _ws_eps(model_name: str, model_kwargs: Mapping | None) -> tuple[str, float] | None:
+    """(ws_eps_mode, ws_eps) of a weight-standardized model, None for the BN ResNet."""
+    resolved = _resolved(model_name, model_kwargs)[1]
+    return (resolved["ws_eps_mode"], resolved["ws_eps"]) if "ws_eps_mode" in resolved else None
+
+
 def _timm_shapes(table: Mapping) -> dict[str, tuple]:
     return {name: _SHAPES[transform](shape) for name, transform, shape in table.values()}
 
@@ -260,6 +290,8 @@ def timm_to_nfjax(
     of ``create_model(TIMM_MODELS[timm_name][0], num_classes, **overrides, **model_kwargs)``; the class count is
     the classifier's. Every tensor must be used and every nfjax tensor found with its shape, otherwise
     ConversionError names each missing, unexpected and mis-shaped tensor (and the model the file looks like).
+    ``model_kwargs`` with another weight-standardization eps (e.g. DeepMind's floor 1e-4) get gains refolded
+    so the convolutions compute what timm's did (:func:`refold_gains`).
     """
     if timm_name not in TIMM_MODELS:
         raise ConversionError(f"unknown timm model {timm_name!r}; nfjax converts: {', '.join(sorted(TIMM_MODELS))}")
@@ -288,13 +320,17 @@ def timm_to_nfjax(
     weights = unflatten(flat)
     if not weights.get("batch_stats"):
         weights.pop("batch_stats", None)
+    eps = _ws_eps(model_name, {**overrides, **(model_kwargs or {})})
+    if eps is not None:
+        weights["params"] = refold_gains(weights["params"], TIMM_WS_EPS, eps)
     return weights, classes
 
 
 def nfjax_to_timm(weights: Mapping, model_name: str, model_kwargs: Mapping | None, num_classes: int) -> dict:
     """nfjax weights ({'params', 'batch_stats'}) of ``create_model(model_name, num_classes, **model_kwargs)``
     -> a timm state dict (torch layouts, float32; BatchNorm ``num_batches_tracked`` int64 0) that loads into the
-    timm model :func:`timm_name_for` names with ``strict=True``."""
+    timm model :func:`timm_name_for` names with ``strict=True``. A model with DeepMind's eps convention gets its
+    gains refolded for timm's (:func:`refold_gains`); timm layouts convert exactly."""
     table = name_table(model_name, model_kwargs, num_classes)
     given = {}
     for collection in ("params", "batch_stats"):
@@ -305,6 +341,10 @@ def nfjax_to_timm(weights: Mapping, model_name: str, model_kwargs: Mapping | Non
     )
     if missing or unexpected or wrong:
         raise ConversionError(f"the weights do not match {model_name}: " + mismatch_message(missing, unexpected, wrong))
+    eps = _ws_eps(model_name, model_kwargs)
+    if eps is not None:
+        params = refold_gains(weights["params"], eps, TIMM_WS_EPS)
+        given.update({("params", *p): v for p, v in flatten(params).items()})
     out = {}
     for path, (name, transform, _) in table.items():
         out[name] = np.array(_TO_TIMM[transform](np.asarray(given[path], np.float32)), order="C")
@@ -333,9 +373,10 @@ def _dm_tolerant(resolved: dict) -> dict:
 def timm_name_for(model_name: str, model_kwargs: Mapping | None) -> str | None:
     """The timm model that runs the weights of nfjax ``model_name`` built with ``model_kwargs``, or None.
 
-    Exact layouts match exactly. An nfjax NFNet in DeepMind's layout (tanh GELU, eps floored at 1e-4) also maps
-    to timm's ``dm_nfnet_f*``, which runs DeepMind's weights with erf GELU and eps 1e-5 added: the same
-    approximation timm makes for DeepMind's own release (outputs differ slightly, see docs/pretrained.md).
+    Exact layouts match exactly. An nfjax NFNet in DeepMind's layout also maps to timm's ``dm_nfnet_f*``: its
+    eps convention (floored at 1e-4, timm adds 1e-5) is compensated exactly in the exported gains, its tanh GELU
+    becomes timm's erf GELU (the approximation timm makes for DeepMind's own release; logits move by about
+    3e-4 of their scale).
     """
     try:
         target = _resolved(model_name, model_kwargs)
