@@ -191,6 +191,23 @@ def test_timm_layouts_of_the_zoo_models_count_like_timm():
     assert count_params(abstract_model("nfnet_f0", **tl.DM_NFNET)) == 71_489_284
 
 
+def test_timm_layout_pieces():
+    assert L.resolve_padding("symmetric", (7, 7), (2, 2)) == ((3, 3), (3, 3))
+    assert L.resolve_padding("symmetric", (3, 3), (2, 2)) == ((1, 1), (1, 1))
+    assert L.resolve_padding("symmetric", (1, 1), (1, 1)) == ((0, 0), (0, 0))
+    assert L.resolve_padding("SAME", (3, 3), (2, 2)) == "SAME"
+    conv = L.WSConv(4, 8, 1, gain_init=0.0, rngs=nnx.Rngs(0))
+    assert not np.any(np.asarray(conv.gain[...]))
+    assert [L.make_divisible(v, 8) for v in (768.0, 384.0, 16.0, 12.0, 3.0)] == [768, 384, 16, 16, 8]
+    block = abstract_model("eca_nfnet_l0").blocks[0]
+    assert block.skip_gain is None and block.se is None and block.eca.kernel.shape == (5,)
+    assert block.conv0.gamma == L.GAMMA["silu"] and block.conv0.padding == ((0, 0), (0, 0))
+    with pytest.raises(ValueError, match="padding must be"):
+        create_model("nfnet_f0", padding="valid")
+    with pytest.raises(ValueError, match="attention must be"):
+        abstract_model("nfnet_f0", attention="cbam")
+
+
 def test_eca_kernel_size_follows_the_channel_count():
     assert [L.eca_kernel_size(c) for c in (32, 64, 96, 128, 256, 512, 1536)] == [3, 3, 3, 5, 5, 5, 5]
 
