@@ -1,8 +1,9 @@
 """Experiment configs: the sections, and the one loader and parser for config files and command-line overrides.
 
-A config has five sections: ``model`` (name + constructor overrides), ``optim`` (defaults and validation in
-:mod:`nfjax.optim`), ``data`` (defaults in :mod:`nfjax.data.config`), ``train`` (steps, batch, loss, logging,
-checkpoints) and ``distributed``. Each section's defaults live next to the code that validates and reads it;
+A config has five sections: ``model`` (name, constructor overrides, the weights it starts from; read in
+:mod:`nfjax.finetune`), ``optim`` (defaults and validation in :mod:`nfjax.optim`), ``data`` (defaults in
+:mod:`nfjax.data.config`), ``train`` (steps, batch, loss, logging, checkpoints) and ``distributed``. The defaults
+of ``model``, ``train`` and ``distributed`` are here, the others next to the code that validates and reads them;
 :func:`base_config` assembles them. Configs are locked: a mistyped key is an error naming the nearest valid keys.
 
 Config files (``configs/*.py``) define ``get_config(arg=None)``; ``arg`` is the ``key=value,...`` string after
@@ -27,6 +28,18 @@ class ConfigError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ sections
+
+
+def default_model_config(model: str, model_kwargs: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """The ``model`` section: the model and where its weights start (validated and read in :mod:`nfjax.finetune`)."""
+    cfg = ml_collections.ConfigDict(dict(name=model, kwargs=ml_collections.ConfigDict(model_kwargs or {})))
+    # A training run's --workdir or a folder written by `python -m nfjax.convert`: the run starts from the weights
+    # of its newest readable checkpoint (None: random init). Ignored when the run's own workdir has a checkpoint.
+    cfg.init_from = ml_collections.FieldReference(None, field_type=str)
+    cfg.init_weights = "auto"  # which tree of the source: 'auto' (its EMA when it keeps one) | 'params' | 'ema'
+    # 'auto': a new classifier only when the class counts differ | True: always new | False: keep (must fit)
+    cfg.reset_classifier = ml_collections.FieldReference("auto", field_type=object)
+    return cfg
 
 
 def default_train_config() -> ml_collections.ConfigDict:
@@ -71,7 +84,7 @@ def base_config(model: str, model_kwargs: dict[str, Any] | None = None) -> ml_co
     from nfjax.optim import default_optim_config
 
     cfg = ml_collections.ConfigDict()
-    cfg.model = ml_collections.ConfigDict(dict(name=model, kwargs=ml_collections.ConfigDict(model_kwargs or {})))
+    cfg.model = default_model_config(model, model_kwargs)
     cfg.optim = default_optim_config()
     cfg.data = default_data_config()
     cfg.train = default_train_config()
@@ -98,16 +111,16 @@ def _literal(raw: str) -> Any:
 def parse_value(raw: str, current: Any, where: str) -> Any:
     """``raw`` (command-line text) as a value of the type of ``current``; ``where`` names it in errors.
 
-    bool: true/false/1/0. str: as given. None (an untyped field): a Python literal, else the string.
-    int/float: a number (an int field refuses 2.5). tuple/list: a literal sequence. Anything else must be a
-    literal of the same type.
+    bool: true/false/1/0. str: as given ('None': None, as for the numbers and sequences). None (an untyped
+    field): a Python literal, else the string. int/float: a number (an int field refuses 2.5). tuple/list: a
+    literal sequence. Anything else must be a literal of the same type.
     """
     if isinstance(current, bool):
         if raw.lower() not in ("true", "false", "1", "0"):
             raise ConfigError(f"{where}={raw!r}: expected true or false")
         return raw.lower() in ("true", "1")
     if isinstance(current, str):
-        return raw
+        return None if raw == "None" else raw
     value = _literal(raw)
     if current is None or value is None:
         return value

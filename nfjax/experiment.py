@@ -3,7 +3,7 @@ consume it and none re-derives it.
 
     exp = build_experiment(cfg)              # dataset info, mesh, model, schedule lengths; validates cfg.train
     exp.optimizer                            # built on first use only (training, benchmarks)
-    state = exp.create_state()               # or exp.restore_state(checkpointer)
+    state = exp.create_state()               # random init, or model.init_from's weights; or exp.restore_state(ckpt)
     step_fn, eval_fn = exp.train_step(), exp.eval_step
 
     run = load_run(workdir)                  # evaluation / prediction: config + weights, no optimizer
@@ -28,7 +28,7 @@ import ml_collections
 from flax import nnx
 
 from nfjax import data as data_lib
-from nfjax import optim, parallel
+from nfjax import finetune, optim, parallel
 from nfjax.checkpoint import Checkpointer, abstract_like, check_compatible
 from nfjax.losses import LOSSES, make_loss_fn
 from nfjax.models import create_model, model_metadata
@@ -127,6 +127,7 @@ class Experiment:
         dtype = compute_dtype(cfg.train.compute_dtype)
         self.model = ModelSpec(cfg.model.name, kwargs, info.num_classes, info.image_shape[-1], dtype)
         self.lengths = _lengths(cfg.train, info)
+        self.init_settings = finetune.init_settings(cfg.model)  # None: random init
 
     # ------------------------------------------------------------------------------------- model, optimizer
 
@@ -158,26 +159,47 @@ class Experiment:
 
     # ------------------------------------------------------------------------------------------- state
 
+    def _new_state(self, key: jax.Array, loaded: dict | None = None, source: finetune.Source | None = None) -> dict:
+        """A train state from a random init; with ``loaded`` (the weights of ``source``) the params and BN
+        statistics are the source's (the classifier stays the random one when ``source.reset_head``)."""
+        _, params, stats = nnx.split(self.model.build(nnx.Rngs(params=key)), nnx.Param, nnx.BatchStat)
+        params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+        if loaded is not None:
+            params, stats = finetune.start_weights(params, stats, loaded, source)
+        state = dict(step=jnp.zeros((), jnp.int32), params=params, **self.optimizer.init(params))  # EMA = params
+        if stats:
+            state["batch_stats"] = stats
+        return state
+
     @functools.cached_property
     def state_spec(self) -> StateSpec:
         """State: step, params, opt_state, batch_stats (BN models), ema (when on); nothing is computed."""
+        abstract = jax.eval_shape(self._new_state, jax.random.key(0))
+        return StateSpec(self._new_state, abstract, parallel.param_sharding(self.mesh, abstract))
 
-        def init(key):
-            _, params, stats = nnx.split(self.model.build(nnx.Rngs(params=key)), nnx.Param, nnx.BatchStat)
-            params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
-            state = dict(step=jnp.zeros((), jnp.int32), params=params, **self.optimizer.init(params))
-            if stats:
-                state["batch_stats"] = stats
-            return state
-
-        abstract = jax.eval_shape(init, jax.random.key(0))
-        return StateSpec(init, abstract, parallel.param_sharding(self.mesh, abstract))
+    @functools.cached_property
+    def init_source(self) -> finetune.Source | None:
+        """The checked source of ``model.init_from`` (its meta only; None without one): a source of another model
+        is refused here, before anything is restored or written."""
+        if self.init_settings is None:
+            return None
+        _, params, stats = self._abstract_model
+        trees = dict(params=params, batch_stats=stats)
+        return finetune.describe_source(self.init_settings, self.model.identity(), trees)
 
     def create_state(self, seed: int | None = None) -> dict:
-        """A fresh train state, built by a jitted init straight into its shardings."""
-        spec = self.state_spec
-        seed = self.cfg.train.seed if seed is None else seed
-        return jax.jit(spec.init, out_shardings=spec.shardings)(jax.random.key(seed))
+        """A new train state, built by a jitted init straight into its shardings: random, or with
+        ``model.init_from`` the source's weights (restored into this mesh's shardings; optimizer state, EMA and
+        step fresh)."""
+        spec, source = self.state_spec, self.init_source
+        key = jax.random.key(self.cfg.train.seed if seed is None else seed)
+        if source is None:
+            return jax.jit(spec.init, out_shardings=spec.shardings)(key)
+        step, loaded = finetune.read_source(source, self.mesh)
+        start = lambda key, loaded: self._new_state(key, loaded, source)
+        state = jax.jit(start, out_shardings=spec.shardings)(key, loaded)
+        finetune.announce(source, step, self.model.num_classes)
+        return state
 
     def restore_state(self, ckpt: Checkpointer) -> dict | None:
         """The train state of the newest readable checkpoint, restored into this mesh's shardings and verified

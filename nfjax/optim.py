@@ -4,6 +4,9 @@ The chain applied to the (device-averaged, accumulated) gradient ``g`` of the pa
 
     clip (AGC | global norm | none)  ->  weight decay  ->  SGD-Nesterov | LAMB | AdamW  ->  -lr(t) * u
 
+and, when fine-tuning, the backbone (every param outside the top-level ``classifier``) either gets no update at
+all (``freeze_backbone``) or ``backbone_lr_scale`` times its update (its lr scaled; the classifier keeps lr(t)).
+
 For the DeepMind NFNet recipe (``name='sgd'``, ``clipping='agc'``, coupled decay) one step is
 
     1. g <- AGC(g, p)                   unit-wise, skipped for the classifier kernel
@@ -46,6 +49,7 @@ from nfjax.suggest import did_you_mean
 
 __all__ = [
     "CLASSIFIER_KERNEL",
+    "HEAD",
     "NO_DECAY_NAMES",
     "Optimizer",
     "accumulated_grads",
@@ -57,6 +61,7 @@ __all__ = [
     "decay_mask",
     "default_optim_config",
     "ema_decay_at",
+    "head_labels",
     "init_ema",
     "param_path",
     "path_mask",
@@ -106,6 +111,8 @@ def default_optim_config() -> ml_collections.ConfigDict:
             accum_steps=1,  # micro-batches per optimizer step
             sam_rho=0.0,  # SAM radius; 0 disables SAM
             sam_fraction=0.2,  # fraction of each device's batch used for the SAM ascent step
+            freeze_backbone=False,  # fine-tuning: only the classifier trains; the backbone gets no update at all
+            backbone_lr_scale=1.0,  # fine-tuning: backbone lr = lr x this (classifier: lr); ignored when frozen
         )
     )
 
@@ -157,6 +164,7 @@ def _check_numbers(c: ml_collections.ConfigDict) -> None:
         ("accum_steps", c.accum_steps >= 1, "must be an integer >= 1 (1 disables accumulation)"),
         ("sam_rho", c.sam_rho >= 0, "must be >= 0 (0 disables SAM)"),
         ("sam_fraction", 0 < c.sam_fraction <= 1, "must be in (0, 1]; the NFNet paper uses 0.2"),
+        ("backbone_lr_scale", 0 <= c.backbone_lr_scale < math.inf, "must be a finite number >= 0 (1: no scaling)"),
     ]
     for field, ok, must in checks:
         if not ok:
@@ -302,6 +310,29 @@ def _optimizer(c: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.Gradie
     return optax.chain(trace, decay, optax.scale_by_learning_rate(lr))  # SGDW
 
 
+HEAD = "classifier"  # every zoo model's classifier is the top-level 'classifier' subtree of its params
+
+
+def head_labels(params: Any) -> Any:
+    """``'head'`` for the leaves of the top-level ``classifier`` subtree, ``'backbone'`` for every other leaf."""
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, _: "head" if param_path(kp)[:1] == (HEAD,) else "backbone", params
+    )
+
+
+def _backbone_rule(c: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Fine-tuning. ``freeze_backbone``: the chain sees the classifier only and the backbone's updates are zero
+    (no weight decay, no optimizer state; ``backbone_lr_scale`` is ignored). ``backbone_lr_scale = s``: the
+    backbone's updates are multiplied by ``s`` after the chain, i.e. its learning rate is ``s * lr(t)`` (every
+    optimizer here applies -lr(t) last)."""
+    if c.freeze_backbone:
+        return optax.multi_transform({"head": tx, "backbone": optax.set_to_zero()}, head_labels)
+    if c.backbone_lr_scale != 1:
+        backbone = path_mask(lambda path, _: path[:1] != (HEAD,))
+        return optax.chain(tx, optax.masked(optax.scale(c.backbone_lr_scale), backbone))
+    return tx
+
+
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
     """The ``optim`` section, validated once, and everything built from it: the one object the train step,
@@ -369,7 +400,7 @@ def build_optimizer(
     :class:`Optimizer`. Raises ValueError naming the bad field before anything is computed."""
     c = validate_optim_config(cfg, steps_per_epoch=steps_per_epoch, total_steps=total_steps, global_batch=global_batch)
     schedule = build_schedule(c, steps_per_epoch=steps_per_epoch, total_steps=total_steps, global_batch=global_batch)
-    tx = optax.chain(_clipping(c), _optimizer(c, schedule))
+    tx = _backbone_rule(c, optax.chain(_clipping(c), _optimizer(c, schedule)))
     return Optimizer(c, tx, schedule, steps_per_epoch, total_steps)
 
 

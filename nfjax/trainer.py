@@ -116,10 +116,15 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     parallel.initialize_distributed(**cfg.distributed.to_dict())
     exp = build_experiment(cfg)
     exp.optimizer  # noqa: B018 - validates the optim section before anything is written
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        exp.init_source  # noqa: B018 - a model.init_from of another model is refused before anything is written
     ckpt = exp.checkpointer(workdir)  # refuses another model's workdir before anything is built or written
     try:
         state = exp.restore_state(ckpt)
-        state = exp.create_state() if state is None else state
+        if state is None:
+            state = exp.create_state()  # random init, or the weights of model.init_from
+        elif exp.init_settings is not None and jax.process_index() == 0:
+            print(f"model.init_from is ignored: resuming the run's own checkpoint in {workdir}", file=sys.stderr)
         save_config(cfg, workdir)
         report_bad_files(cfg.data, workdir)
         return TrainingLoop(exp, workdir, ckpt).run(state)
