@@ -202,3 +202,24 @@ def test_normalize_matches_definition():
     np.testing.assert_allclose(numpy_backend.normalize(image[None], mean, std, False)[0], expected, rtol=1e-5)
     tf_rgb = augment.normalize(tf.cast(tf.constant(image), tf.float32), mean, std, True).numpy()
     np.testing.assert_allclose(tf_rgb, np.repeat(expected, 3, -1), rtol=1e-5)
+
+
+def test_grayscale_copied_to_rgb_takes_rgb_statistics():
+    """RGB pretrained weights fine-tuned on grayscale data: the copy to RGB comes first, then each copied channel
+    is normalized with its own mean/std, on both backends."""
+    from ml_collections import ConfigDict
+
+    from nfjax.data.config import mean_std
+
+    gray = np.random.RandomState(0).randint(0, 256, (2, 6, 5, 1), np.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    expected = (np.repeat(gray, 3, -1).astype(np.float32) / 255.0 - np.float32(mean)) / np.float32(std)
+    got_np = numpy_backend.normalize(gray, mean, std, to_rgb=True)
+    got_tf = np.stack([augment.normalize(tf.constant(g, tf.float32), mean, std, True).numpy() for g in gray])
+    np.testing.assert_allclose(got_np, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_tf, expected, rtol=1e-5, atol=1e-5)
+    cfg = ConfigDict(dict(mean=mean, std=std, dataset="fashion_mnist", grayscale_to_rgb=True))
+    assert mean_std(cfg, 1) == (mean, std)
+    cfg.grayscale_to_rgb = False
+    with pytest.raises(ValueError, match="3/3 values but images have 1 channels"):
+        mean_std(cfg, 1)

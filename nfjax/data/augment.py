@@ -159,18 +159,18 @@ def eval_preprocess(image, size: int | None, mode: str, crop_pct: float, channel
 
 
 def normalize(image, mean, std, to_rgb: bool):
-    """(x - 255 * mean) / (255 * std) per channel; a 1-channel image is then copied to 3 if ``to_rgb``.
+    """(x - 255 * mean) / (255 * std) per channel; a 1-channel image is first copied to 3 if ``to_rgb`` (so 3-value
+    RGB statistics, e.g. of pretrained weights, apply per copied channel).
 
     With a static image shape the per-channel constants are expanded to the full [H, W, C] shape: TF's
     elementwise kernels broadcasting a [C] vector over the last axis were 4-5x slower than same-shape ones,
     which made normalization cost more than the random-resized crop itself.
     """
     tf = import_tf()
+    if to_rgb and image.shape[-1] == 1:
+        image = tf.tile(image, [1, 1, 3])
     shift = -np.asarray(mean, np.float32) / np.asarray(std, np.float32)
     scale = 1.0 / (255.0 * np.asarray(std, np.float32))
     if image.shape.is_fully_defined():
         shift, scale = np.broadcast_to(shift, image.shape).copy(), np.broadcast_to(scale, image.shape).copy()
-    image = image * tf.constant(scale) + tf.constant(shift)
-    if to_rgb and image.shape[-1] == 1:
-        image = tf.tile(image, [1, 1, 3])
-    return image
+    return image * tf.constant(scale) + tf.constant(shift)

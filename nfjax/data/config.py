@@ -74,12 +74,14 @@ def fashion_mnist_data_config(data_dir: str = DEFAULT_DATA_DIR) -> ml_collection
 
 
 def mean_std(cfg: ml_collections.ConfigDict, channels: int) -> tuple[tuple, tuple]:
-    """Mean/std in [0, 1] units with one value per input channel (before any grayscale->RGB copy)."""
+    """Mean/std in [0, 1] units: one value, or one per input channel (three for 1-channel images copied to RGB
+    with ``grayscale_to_rgb``, as RGB pretrained weights expect)."""
     mean, std = cfg.mean, cfg.std
     if mean is None or std is None:
         mean, std = DATASET_STATS.get(cfg.dataset, (IMAGENET_MEAN, IMAGENET_STD))
         if channels == 1 and len(mean) == 3:
             mean, std = (sum(mean) / 3,), (sum(std) / 3,)
-    if len(mean) not in (1, channels) or len(std) not in (1, channels):
+    allowed = (1, 3) if channels == 1 and cfg.grayscale_to_rgb else (1, channels)
+    if len(mean) not in allowed or len(std) not in allowed:
         raise ValueError(f"mean/std have {len(mean)}/{len(std)} values but images have {channels} channels")
     return tuple(mean), tuple(std)

@@ -31,13 +31,13 @@ def random_flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def normalize(images: np.ndarray, mean, std, to_rgb: bool) -> np.ndarray:
-    """uint8 [B, H, W, C] -> float32 (x - 255 mean) / (255 std); 1 channel copied to 3 if ``to_rgb``."""
+    """uint8 [B, H, W, C] -> float32 (x - 255 mean) / (255 std); 1 channel copied to 3 first if ``to_rgb`` (so
+    3-value RGB statistics, e.g. of pretrained weights, apply per copied channel)."""
     scale = 1.0 / (255.0 * np.asarray(std, np.float32))
     shift = -np.asarray(mean, np.float32) / np.asarray(std, np.float32)
-    out = images.astype(np.float32) * scale + shift
-    if to_rgb and out.shape[-1] == 1:
-        out = np.repeat(out, 3, axis=-1)
-    return out
+    if to_rgb and images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    return images.astype(np.float32) * scale + shift
 
 
 def augment(images: np.ndarray, cfg, rng: np.random.Generator) -> np.ndarray:
