@@ -224,3 +224,13 @@ def test_predict_reads_a_converted_folder(small_folder, tmp_path):
     (top,) = predict.predict(out, [str(image)], top_k=3)
     assert [name for name, _ in top][0].startswith("class ") and len(top) == 3
     assert abs(sum(p for _, p in predict.predict(out, [str(image)], top_k=5)[0]) - 1.0) < 1e-5
+
+
+def test_create_model_pretrained(small_folder):
+    out, _ = small_folder
+    model = create_model("nfnet_f0", pretrained=out, drop_rate=0.0)
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    assert _tree_equal(params, pt.load_weights(out).weights["params"] | {})
+    assert model(np.zeros((1, 64, 64, 3), np.float32)).shape == (1, 5)
+    with pytest.raises(ValueError, match="holds nfnet_f0, not nf_resnet50"):
+        create_model("nf_resnet50", pretrained=out)

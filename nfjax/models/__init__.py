@@ -115,11 +115,18 @@ def create_model(
     in_channels: int = 3,
     *,
     rngs: nnx.Rngs | None = None,
+    pretrained: str | None = None,
     **overrides: Any,
 ) -> nnx.Module:
     """Builds the named model; ``overrides`` replace constructor arguments (e.g. ``drop_rate=0.0``,
-    ``dtype=jnp.bfloat16``, ``stochdepth_rate=0.25``, ``widths=(...)``)."""
+    ``dtype=jnp.bfloat16``, ``stochdepth_rate=0.25``, ``widths=(...)``). ``pretrained``: a folder written by
+    ``python -m nfjax.convert`` (or a training workdir) whose model is ``name``; the model then has its weights,
+    class count and options, and ``overrides`` may only change training behaviour (drop rates, dtype)."""
     _check_name(name)
+    if pretrained is not None:
+        from nfjax.convert.pretrained import load_model
+
+        return load_model(pretrained, expect=name, **overrides)
     cls, kwargs, _ = MODELS[name]
     kwargs = {**kwargs, **overrides}
     try:
