@@ -223,3 +223,13 @@ def test_grayscale_copied_to_rgb_takes_rgb_statistics():
     cfg.grayscale_to_rgb = False
     with pytest.raises(ValueError, match="3/3 values but images have 1 channels"):
         mean_std(cfg, 1)
+
+
+def test_resize_to_with_a_static_shape_of_another_size():
+    """In-memory arrays have a static shape when tf.data traces the map: upsizing 28 px images (fine-tuning at a
+    pretrained model's size) must not trace a branch that asserts the target shape."""
+    images = tf.data.Dataset.from_tensor_slices(np.zeros((2, 28, 28, 1), np.uint8))
+    out = next(iter(images.map(lambda x: augment.resize_to(x, 32, 1)).batch(2)))
+    assert out.shape == (2, 32, 32, 1) and out.dtype == tf.float32
+    same = next(iter(images.map(lambda x: augment.resize_to(x, 28, 1)).batch(2)))
+    assert same.shape == (2, 28, 28, 1)

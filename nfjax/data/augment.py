@@ -122,6 +122,9 @@ def resize_to(image, size: int | None, channels: int):
     image = decode(image, channels)
     if size is None:
         return tf.cast(image, tf.float32)
+    if image.shape[:2].is_fully_defined():  # known when tracing (in-memory arrays): no branch to trace
+        same_size = tuple(image.shape[:2]) == (size, size)
+        return tf.cast(image, tf.float32) if same_size else resize(image, size, size)
     shape = tf.shape(image)
     same = tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size))
     return tf.cond(
