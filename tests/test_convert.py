@@ -22,7 +22,7 @@ from nfjax.convert.errors import ConversionError, flatten
 from nfjax.convert.safetensors_io import read_safetensors, write_safetensors
 from nfjax.models import create_model
 
-TSV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "deepmind_f0_params.tsv")
+TSV = os.path.join(os.path.dirname(__file__), "data", "deepmind_f0_params.tsv")  # DeepMind's F0 release layout
 SMALL_NFNET = dict(widths=(32, 64, 128, 128), depths=(1, 1, 1, 1), group_size=16, stem_widths=(4, 8, 8))
 
 
@@ -71,7 +71,6 @@ def _reference_names() -> dict[str, tuple[int, ...]]:
     return names
 
 
-@pytest.mark.skipif(not os.path.exists(TSV), reason="the reference list of DeepMind's F0 names is not here")
 def test_f0_converter_consumes_exactly_deepminds_names_and_shapes():
     reference = _reference_names()
     assert len(reference) == 233
