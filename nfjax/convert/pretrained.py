@@ -188,36 +188,3 @@ def read_record(directory: str) -> dict[str, Any] | None:
         return None
     with open(path) as f:
         return json.load(f)
-
-
-def load_model(directory: str, *, tree: str = "auto", expect: str | None = None, **overrides: Any):
-    """The nnx model of a weights folder or a training run, with its weights (CPU/default device).
-
-    ``tree``: 'params', 'ema' or 'auto' (EMA when the run keeps one). ``expect``: a model name the folder must
-    hold (``create_model(name, pretrained=DIR)``). ``overrides``: constructor arguments that do not change the
-    parameters (``drop_rate``, ``stochdepth_rate``, ``dtype``).
-    """
-    from flax import nnx
-
-    from nfjax.models import create_model
-
-    run = load_weights(directory)
-    spec = run.experiment.model
-    if expect is not None and expect != spec.name:
-        raise ValueError(
-            f"{directory} holds {spec.name}, not {expect}: call create_model({spec.name!r}, pretrained=...)"
-        )
-    if tree not in ("auto", "params", "ema") or (tree == "ema" and "ema" not in run.weights):
-        raise ValueError(f"tree must be 'params', 'ema' or 'auto' (EMA only where the run keeps one), got {tree!r}")
-    chosen = "ema" if tree == "ema" or (tree == "auto" and "ema" in run.weights) else "params"
-    model = nnx.eval_shape(
-        lambda: create_model(
-            spec.name, spec.num_classes, spec.in_channels, rngs=nnx.Rngs(0), **spec.kwargs, **overrides
-        )
-    )
-    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    host = lambda t: jax.tree.map(lambda x: jax.numpy.asarray(np.asarray(x)), t)
-    nnx.replace_by_pure_dict(params, host(run.weights[chosen]))
-    if run.weights.get("batch_stats"):
-        nnx.replace_by_pure_dict(stats, host(run.weights["batch_stats"]))
-    return nnx.merge(graphdef, params, stats)

@@ -124,9 +124,9 @@ def create_model(
     class count and options, and ``overrides`` may only change training behaviour (drop rates, dtype)."""
     _check_name(name)
     if pretrained is not None:
-        from nfjax.convert.pretrained import load_model
+        from nfjax.models.pretrained import load_pretrained
 
-        return load_model(pretrained, expect=name, **overrides)
+        return load_pretrained(pretrained, create_model, expect=name, **overrides)
     cls, kwargs, _ = MODELS[name]
     kwargs = {**kwargs, **overrides}
     try:
