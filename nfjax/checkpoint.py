@@ -271,6 +271,15 @@ class Checkpointer:
             self._manager.close()
 
 
+def newest_meta_in(workdir: str) -> dict[str, Any] | None:
+    """The meta of the newest readable checkpoint in ``workdir/checkpoints`` (None without one); no arrays read."""
+    ckpt = Checkpointer(workdir, create=False, async_save=False)
+    try:
+        return ckpt.newest_meta()
+    finally:
+        ckpt.close()
+
+
 def check_compatible(meta: dict[str, Any] | None, expected: dict[str, Any], workdir: str) -> None:
     """Refuses a checkpoint of another format or whose model (name, arguments, classes) differs from the run's."""
     if meta is None:

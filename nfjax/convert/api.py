@@ -13,8 +13,8 @@ from nfjax.convert import pretrained as pt
 from nfjax.convert.errors import ConversionError
 from nfjax.convert.safetensors_io import read_safetensors, write_safetensors
 
-# timm's pretrained configs (timm 1.0.31 default_cfgs): train size, test size, crop fraction used at the test
-# size, and ImageNet top-1 of the published weights as timm evaluates them (results-imagenet.csv).
+# timm's pretrained configs (timm 1.0.31 default_cfgs): train size, test size, and the crop fraction timm
+# evaluates the published weights with at the test size (their top-1: docs/pretrained.md).
 TIMM_PREPROCESSING = {
     "dm_nfnet_f0": (192, 256, 0.9),
     "dm_nfnet_f1": (224, 320, 0.91),

@@ -89,7 +89,7 @@ def dataset_info(record: Mapping[str, Any]):
 def load_weights(workdir: str, num_devices: int | None = 1):
     """The newest weights of a run or a weights folder (a SavedRun) without opening its dataset: the model's
     class count and input channels come from the checkpoint (class names from pretrained.json when present)."""
-    from nfjax.checkpoint import Checkpointer
+    from nfjax.checkpoint import newest_meta_in
     from nfjax.data import DatasetInfo
     from nfjax.experiment import load_config, load_run
 
@@ -100,11 +100,7 @@ def load_weights(workdir: str, num_devices: int | None = 1):
     cfg = load_config(workdir)
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise FileNotFoundError(f"{workdir} holds no checkpoints folder: the run saved no checkpoint yet")
-    ckpt = Checkpointer(workdir, create=False, async_save=False)
-    try:
-        meta = ckpt.newest_meta()
-    finally:
-        ckpt.close()
+    meta = newest_meta_in(workdir)
     if meta is None:
         raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train the run longer or check the path")
     size = cfg.data.eval_image_size or cfg.data.image_size or 32
