@@ -164,3 +164,43 @@ def test_randaugment_and_random_resized_crop_run_in_the_pipeline(fmnist_dir):
     batch = _take(cfg, 1, global_batch=16)[0]
     assert batch["image"].shape == (16, 32, 32, 1) and np.isfinite(batch["image"]).all()
     assert set(np.unique(batch["label_probs"])) <= {0.0, 1.0}
+
+
+def _mixed_randaugment_cfg(fmnist_dir, backend, augment_before_mix):
+    # mean 0, std 1/255: the batches hold pixel values, so RandAugment's uint8 output shows as whole numbers
+    return _cfg(
+        fmnist_dir,
+        backend,
+        image_size=32,
+        randaugment_layers=2,
+        randaugment_magnitude=10.0,
+        mixup_alpha=0.2,
+        cutmix_alpha=1.0,
+        label_smoothing=0.1,
+        augment_before_mix=augment_before_mix,
+        mean=(0.0,),
+        std=(1 / 255,),
+    )
+
+
+def test_randaugment_after_mix_is_deepminds_order(fmnist_dir):
+    """augment_before_mix=False: RandAugment (uint8 in, uint8 out) runs on the mixed images, so every pixel of
+    the batch is a whole number; the other order mixes RandAugment's output, so MixUp leaves fractions. The
+    mixing draws (partners, ratios, targets) are the same in both orders."""
+    after = _take(_mixed_randaugment_cfg(fmnist_dir, "tfdata", False), 1)[0]
+    before = _take(_mixed_randaugment_cfg(fmnist_dir, "tfdata", True), 1)[0]
+    assert after.keys() == before.keys() == {"image", "label", "label_probs"}
+    np.testing.assert_array_equal(after["image"], np.round(after["image"]))
+    half = len(before["image"]) // 2  # 'deepmind' mixing: MixUp on the first half
+    assert np.abs(before["image"][:half] - np.round(before["image"][:half])).max() > 0.01
+    np.testing.assert_array_equal(after["label_probs"], before["label_probs"])
+    np.testing.assert_array_equal(after["label"], before["label"])
+    assert not np.allclose(after["label_probs"].max(-1), 0.91)  # mixed, not only smoothed
+
+
+@pytest.mark.parametrize("backend", ["tfdata", "tfdata_streaming"])
+def test_randaugment_after_mix_resumes_exactly(fmnist_dir, backend):
+    cfg = _mixed_randaugment_cfg(fmnist_dir, backend, False)
+    full = _take(cfg, 13)
+    _assert_same(full[11:], _take(cfg, 2, start_step=11))
+    _assert_same(full[:2], _take(cfg, 2))

@@ -43,6 +43,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.randaugment_prob = 0.5  # timm only: each layer applies its op with this probability
     c.mixup_alpha = 0.0
     c.cutmix_alpha = 0.0
+    # True: RandAugment per image, then mixing (timm) | False: mixing, then RandAugment on the mixed images
+    # (DeepMind's NFNet recipe); see nfjax/data/mix.py
+    c.augment_before_mix = True
     c.mix_mode = "deepmind"  # 'deepmind': half MixUp, half CutMix | 'timm': one per batch, switch_prob
     c.switch_prob = 0.5
     c.label_smoothing = 0.0

@@ -1,8 +1,13 @@
-"""MixUp / CutMix, label smoothing and BCE targets on host NumPy batches.
+"""MixUp / CutMix, label smoothing and BCE targets on NumPy batches.
 
-Mixing runs on the host after augmentation and normalization, on each host's local batch (mixing is linear
-and CutMix pastes pixels, so normalizing first changes nothing). Partners come from the same batch, so an
-epoch means the same thing with and without mixing.
+Mixing acts on each host's local batch. Partners come from the same batch, so an epoch means the same thing
+with and without mixing. Where it runs depends on ``augment_before_mix``:
+  True (timm's order, the default): per-image augmentation (RandAugment included) and normalization first, then
+    mixing on the host (mixing is linear and CutMix pastes pixels, so normalizing first changes nothing);
+  False (DeepMind's NFNet order): crop and flip per image, then mixing of the un-normalized [0, 255] images
+    inside tf.data, then RandAugment on the mixed images (clipped and truncated to uint8, as DeepMind's
+    ``_augment_image``), then normalization. Only matters when RandAugment and mixing are both on.
+The random draws of a step come from ``mix_rng(seed, step, process_index)`` in both orders.
 
 'deepmind': the first half of the batch gets MixUp (per-example ratio ~ Beta(mixup_alpha, mixup_alpha)), the
   second half CutMix (per-example box; kept area ~ Beta(cutmix_alpha, cutmix_alpha), i.e. uniform for alpha 1
@@ -19,6 +24,13 @@ binarization (p > thresh -> 1, else 0).
 from __future__ import annotations
 
 import numpy as np
+
+MIX_SALT = 0x31C  # seeds MixUp/CutMix: [seed, MIX_SALT, step, process_index]
+
+
+def mix_rng(seed: int, step: int, process_index: int) -> np.random.Generator:
+    """The generator of one step's mixing draws on one host (the same in both augmentation orders)."""
+    return np.random.default_rng([int(seed), MIX_SALT, int(step), int(process_index)])
 
 
 def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -126,6 +138,12 @@ def mix_batch(batch: dict, cfg, num_classes: int, rng: np.random.Generator) -> d
     if cfg.bce_target_thresh is not None:
         probs = bce_targets(probs, cfg.bce_target_thresh)
     return {**batch, "image": images, "label_probs": probs.astype(np.float32)}
+
+
+def randaugment_after_mix(cfg) -> bool:
+    """Whether RandAugment runs on the mixed images (DeepMind's order; see the module docstring)."""
+    mixing = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
+    return bool(mixing and cfg.randaugment_layers > 0 and not cfg.augment_before_mix)
 
 
 def needs_label_probs(cfg) -> bool:

@@ -14,14 +14,10 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-import numpy as np
-
 from nfjax.data import numpy_backend, sharding, tfdata_backend
 from nfjax.data.config import mean_std
-from nfjax.data.mix import mix_batch, needs_label_probs
+from nfjax.data.mix import mix_batch, mix_rng, needs_label_probs, randaugment_after_mix
 from nfjax.data.sources import ImageFolderSource, SourceInfo, make_source
-
-MIX_SALT = 0x31C  # seeds MixUp/CutMix: [seed, MIX_SALT, step, process_index]
 
 
 class DatasetInfo(NamedTuple):
@@ -161,12 +157,14 @@ def build_train_iterator(
             source.load_arrays(), cfg, plan, num_examples, seed, start_step, mean, std
         )
     else:
-        transform = tfdata_backend.make_train_transform(cfg, info.image_shape[-1], size, mean, std)
-        args = (cfg, plan, num_examples, seed, start_step, transform)
+        stages = tfdata_backend.make_train_stages(cfg, info.image_shape[-1], size, mean, std, info.num_classes, seed)
+        args = (cfg, plan, num_examples, seed, start_step, stages)
         if fits_in_memory(cfg, info):
             batches = tfdata_backend.in_memory_train_batches(source.load_arrays(), *args)
         else:
             batches = tfdata_backend.streaming_train_batches(source, *args)
+        if randaugment_after_mix(cfg):  # mixed inside tf.data, before RandAugment
+            return _deliver(batches, cfg.prefetch, mesh)
     if needs_label_probs(cfg):
         batches = _mixed(batches, cfg, info.num_classes, seed, start_step, plan.process_index)
     return _deliver(batches, cfg.prefetch, mesh)
@@ -174,8 +172,7 @@ def build_train_iterator(
 
 def _mixed(batches, cfg, num_classes, seed, start_step, process_index) -> Iterator[dict]:
     for step, batch in enumerate(batches, start_step):
-        rng = np.random.default_rng([seed, MIX_SALT, step, process_index])
-        yield mix_batch(batch, cfg, num_classes, rng)
+        yield mix_batch(batch, cfg, num_classes, mix_rng(seed, step, process_index))
 
 
 def build_eval_iterator(

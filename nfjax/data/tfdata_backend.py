@@ -13,10 +13,12 @@ records; the in-memory skip is free.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 
 from nfjax.data import augment, sharding
+from nfjax.data.mix import mix_batch, mix_rng, randaugment_after_mix
 from nfjax.data.randaugment import randaugment
 from nfjax.data.tf_lazy import import_tf
 
@@ -47,14 +49,24 @@ def _randaugment(image, seed, cfg, fill):
     return tf.cast(out, tf.float32)
 
 
-def make_train_transform(cfg, channels: int, size: int, mean, std) -> Callable:
-    """(image bytes or uint8 [H, W, C], label, seed [2]) -> {'image': float32 [size, size, C'], 'label'}."""
+class TrainStages(NamedTuple):
+    """The tf.data train stages. ``per_image(image, label, seed [2])`` -> dict; with RandAugment after mixing
+    (``mix`` set) it yields un-normalized images plus their RandAugment seed, ``mix`` turns a batched dataset
+    into mixed examples and ``finish`` runs RandAugment and normalization on each mixed example."""
+
+    per_image: Callable
+    mix: Callable | None = None
+    finish: Callable | None = None
+
+
+def make_train_stages(cfg, channels: int, size: int, mean, std, num_classes: int, seed: int) -> TrainStages:
+    """Per-image crop/pad/flip, RandAugment and normalization; see :mod:`nfjax.data.mix` for the two orders."""
     tf = import_tf()
     fill = tuple(int(round(255 * m)) for m in mean) if cfg.randaugment_variant == "timm" else (128,) * 3
     fill = fill * 3 if len(fill) == 1 else fill
+    after_mix = randaugment_after_mix(cfg)
 
-    def transform(image, label, seed):
-        crop_seed, pad_seed, flip_seed, ra_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+    def geometric(image, crop_seed, pad_seed, flip_seed):
         if cfg.random_resized_crop:
             image = augment.random_resized_crop(image, size, crop_seed, channels)
         else:
@@ -64,11 +76,45 @@ def make_train_transform(cfg, channels: int, size: int, mean, std) -> Callable:
             image = augment.pad_and_random_crop(image, cfg.pad_crop, pad_seed)
         if cfg.flip:
             image = augment.random_flip(image, flip_seed)
+        return image
+
+    def finish(example):
+        example = dict(example)
+        image, ra_seed = example["image"], example.pop("ra_seed")
         if cfg.randaugment_layers > 0:
             image = _randaugment(image, ra_seed, cfg, fill)
-        return {"image": augment.normalize(image, mean, std, cfg.grayscale_to_rgb), "label": label}
+        return {**example, "image": augment.normalize(image, mean, std, cfg.grayscale_to_rgb)}
 
-    return transform
+    def per_image(image, label, seed):
+        crop_seed, pad_seed, flip_seed, ra_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+        example = {"image": geometric(image, crop_seed, pad_seed, flip_seed), "label": label, "ra_seed": ra_seed}
+        return example if after_mix else finish(example)
+
+    if not after_mix:
+        return TrainStages(per_image)
+
+    def mix_numpy(step, images, labels, process_index):
+        batch = mix_batch({"image": images, "label": labels}, cfg, num_classes, mix_rng(seed, step, process_index))
+        return batch["image"].astype(np.float32), batch["label"].astype(labels.dtype), batch["label_probs"]
+
+    def mix(ds, first_step: int, process_index: int):
+        """Batched un-normalized examples -> mixed examples (unbatched), the draws of ``mix_rng`` per step."""
+
+        def mix_one(step, batch):
+            out = [tf.float32, batch["label"].dtype, tf.float32]
+            images, labels, probs = tf.numpy_function(
+                mix_numpy, [step, batch["image"], batch["label"], process_index], out, stateful=False
+            )
+            return {
+                "image": tf.ensure_shape(images, batch["image"].shape),
+                "label": tf.ensure_shape(labels, batch["label"].shape),
+                "label_probs": tf.ensure_shape(probs, [batch["image"].shape[0], num_classes]),
+                "ra_seed": batch["ra_seed"],
+            }
+
+        return ds.enumerate(first_step).map(mix_one).unbatch()
+
+    return TrainStages(per_image, mix, finish)
 
 
 def make_eval_transform(cfg, channels: int, size: int | None, mean, std) -> Callable:
@@ -92,7 +138,16 @@ def _finish(ds, cfg, local_batch: int) -> Iterator[dict]:
     return ds.with_options(_options(cfg)).as_numpy_iterator()
 
 
-def in_memory_train_batches(arrays, cfg, plan, num_examples, seed, start_step, transform) -> Iterator[dict]:
+def _finish_train(ds, cfg, plan, stages: TrainStages, first_step: int) -> Iterator[dict]:
+    """Batches of per-image examples; with RandAugment after mixing: batch, mix, RandAugment, normalize, batch."""
+    if stages.mix is not None:
+        tf = import_tf()
+        ds = ds.batch(plan.local_batch, drop_remainder=True)
+        ds = stages.mix(ds, first_step, plan.process_index).map(stages.finish, num_parallel_calls=tf.data.AUTOTUNE)
+    return _finish(ds, cfg, plan.local_batch)
+
+
+def in_memory_train_batches(arrays, cfg, plan, num_examples, seed, start_step, stages) -> Iterator[dict]:
     """Same example order as the NumPy path; augmentation in tf.data."""
     tf = import_tf()
     images, labels = tf.constant(arrays[0]), tf.constant(arrays[1])
@@ -104,14 +159,14 @@ def in_memory_train_batches(arrays, cfg, plan, num_examples, seed, start_step, t
         epoch_seed = sharding.derive_seed(seed, epoch, 1)
         ds = tf.data.Dataset.from_tensor_slices((order[positions], positions))
         ds = ds.map(
-            lambda i, pos, s=epoch_seed: transform(tf.gather(images, i), tf.gather(labels, i), _seed(s, pos)),
+            lambda i, pos, s=epoch_seed: stages.per_image(tf.gather(images, i), tf.gather(labels, i), _seed(s, pos)),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
-        yield from _finish(ds, cfg, plan.local_batch)
+        yield from _finish_train(ds, cfg, plan, stages, epoch * per_epoch + offset)
         epoch, offset = epoch + 1, 0
 
 
-def streaming_train_batches(source, cfg, plan, num_examples, seed, start_step, transform) -> Iterator[dict]:
+def streaming_train_batches(source, cfg, plan, num_examples, seed, start_step, stages) -> Iterator[dict]:
     """Per-host block of the split, seeded shuffle per epoch, skip of raw records on resume.
 
     One tf.data pipeline spans all epochs (flat_map over epoch numbers), so the parallel map never drains
@@ -140,9 +195,9 @@ def streaming_train_batches(source, cfg, plan, num_examples, seed, start_step, t
     first = epoch_records(tf.constant(first_epoch, tf.int64)).skip(offset * plan.local_batch)
     later = tf.data.Dataset.range(first_epoch + 1, 2**62).flat_map(epoch_records)
     ds = first.concatenate(later).map(
-        lambda s, image, label: transform(image, label, s), num_parallel_calls=tf.data.AUTOTUNE
+        lambda s, image, label: stages.per_image(image, label, s), num_parallel_calls=tf.data.AUTOTUNE
     )
-    return _finish(ds, cfg, plan.local_batch)
+    return _finish_train(ds, cfg, plan, stages, start_step)
 
 
 def in_memory_eval_batches(arrays, cfg, plan, transform) -> Iterator[dict]:
