@@ -66,7 +66,14 @@ def preprocess(images: list[np.ndarray], data_cfg, size_channels: tuple[int, int
     tf = import_tf()
     out = []
     for image in images:
-        x = augment.eval_preprocess(tf.constant(image), size, data_cfg.eval_preprocess, data_cfg.crop_pct, channels)
+        x = augment.eval_preprocess(
+            tf.constant(image),
+            size,
+            data_cfg.eval_preprocess,
+            data_cfg.crop_pct,
+            channels,
+            data_cfg.get("eval_interpolation", "bicubic"),  # runs saved before the option existed: bicubic
+        )
         out.append(augment.normalize(x, mean, std, data_cfg.grayscale_to_rgb).numpy())
     return np.stack(out)
 

@@ -144,6 +144,59 @@ def test_random_resized_crop_window_bounds():
     assert crop.shape == (24, 24, 3) and crop.dtype == tf.float32
 
 
+def _torchvision_window(height, width, u, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params written out in NumPy, with its random draws given as ``u``
+    [4, 10] uniforms (area, log aspect, top, left per attempt). Returns (window, whether no attempt fitted)."""
+    area = height * width
+    for k in range(10):
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0, k])
+        aspect = np.exp(np.log(ratio[0]) + (np.log(ratio[1]) - np.log(ratio[0])) * u[1, k])
+        w, h = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return [int(u[2, k] * (height - h + 1)), int(u[3, k] * (width - w + 1)), h, w], False
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return [(height - h) // 2, (width - w) // 2, h, w], True
+
+
+@pytest.mark.parametrize("shape", [(375, 500), (500, 333), (64, 64), (12, 300), (300, 9)])
+def test_torchvision_crop_window_equals_torchvision_get_params(shape):
+    rng = np.random.default_rng(shape[0])
+    fallbacks = 0
+    for _ in range(60):
+        u = rng.random((4, 10)).astype(np.float32)
+        got = [int(v) for v in augment.torchvision_crop_window(tf.constant([*shape, 3]), tf.constant(u))]
+        want, fallback = _torchvision_window(*shape, u.astype(np.float64))
+        assert got == want
+        fallbacks += fallback
+    if shape[0] * 10 < shape[1] or shape[1] * 10 < shape[0]:  # no box fits a sliver: always the fallback
+        assert fallbacks == 60
+
+
+def test_torchvision_random_resized_crop_uses_its_interpolation():
+    image = tf.constant(_image(64, 48))
+    outs = {
+        m: augment.random_resized_crop(image, 24, _seed(3), 3, "torchvision", m).numpy() for m in augment.INTERPOLATIONS
+    }
+    assert all(o.shape == (24, 24, 3) for o in outs.values())
+    assert not np.allclose(outs["bilinear"], outs["bicubic"])
+    randoms = [augment.random_resized_crop(image, 24, _seed(i), 3, "torchvision", "random") for i in range(12)]
+    picked = {
+        m
+        for i, r in enumerate(randoms)
+        for m in ("bilinear", "bicubic")
+        if np.array_equal(r, augment.random_resized_crop(image, 24, _seed(i), 3, "torchvision", m))
+    }
+    assert picked == {"bilinear", "bicubic"}  # 'random' is one of the two, per image
+    with pytest.raises(ValueError, match="rrc_mode"):
+        augment.random_resized_crop(image, 24, _seed(0), 3, "inception")
+
+
 def test_jpeg_fused_crop_equals_decode_then_crop():
     encoded = tf.io.encode_jpeg(tf.constant(_image(64, 80)), quality=95)
     window = [5, 7, 30, 40]
@@ -191,6 +244,9 @@ def test_eval_preprocess_protocols():
     timm = augment.eval_preprocess(tf.constant(image), 32, "crop_pct", 0.875, 3).numpy()
     short = tf.image.resize(tf.cast(image, tf.float32), [36, 54], method="bicubic", antialias=True).numpy()
     np.testing.assert_allclose(timm, short[2:34, 11:43], rtol=1e-6)  # 32 / 0.875 -> 36 px short side
+    torchvision = augment.eval_preprocess(tf.constant(image), 32, "crop_pct", 0.875, 3, "bilinear").numpy()
+    short = tf.image.resize(tf.cast(image, tf.float32), [36, 54], method="bilinear", antialias=True).numpy()
+    np.testing.assert_allclose(torchvision, short[2:34, 11:43], rtol=1e-6)
     none = augment.eval_preprocess(tf.constant(image[:32, :32]), 32, "none", 0.875, 3).numpy()
     np.testing.assert_array_equal(none, image[:32, :32])
 

@@ -204,3 +204,12 @@ def test_randaugment_after_mix_resumes_exactly(fmnist_dir, backend):
     full = _take(cfg, 13)
     _assert_same(full[11:], _take(cfg, 2, start_step=11))
     _assert_same(full[:2], _take(cfg, 2))
+
+
+@pytest.mark.parametrize("field", ["rrc_mode", "train_interpolation", "eval_interpolation", "mix_mode"])
+def test_an_invalid_choice_is_named_before_any_data_is_read(fmnist_dir, field):
+    cfg = _cfg(fmnist_dir, "numpy", **{field: "lanczos"})
+    with pytest.raises(ValueError, match=f"data.{field}='lanczos' is invalid; valid: "):
+        data.dataset_info(cfg)
+    with pytest.raises(ValueError, match=f"data.{field}="):
+        _take(cfg, 1)

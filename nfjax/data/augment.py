@@ -81,18 +81,74 @@ def sample_crop_window(shape, seed, size: int, area_range=RRC_AREA_RANGE, aspect
     return [tf.where(failed, f, w) for f, w in zip(fallback, window, strict=True)]
 
 
-def resize(image, height: int, width: int, antialias: bool = False):
-    """Bicubic resize to [height, width] as float32 (no clipping, like DeepMind)."""
+def torchvision_crop_window(shape, uniforms, area_range=RRC_AREA_RANGE, aspect_range=RRC_ASPECT_RANGE):
+    """torchvision's ``RandomResizedCrop.get_params`` window [y, x, h, w] from ``uniforms`` float32 [4, 10] in
+    [0, 1): per attempt the relative area (uniform in area_range), the log aspect (uniform in log aspect_range)
+    and the top/left offsets. The first of 10 attempts whose rounded box fits is taken; when none fits, the
+    centred crop of the whole image with its aspect clamped to aspect_range."""
     tf = import_tf()
-    return tf.image.resize(tf.cast(image, tf.float32), [height, width], method="bicubic", antialias=antialias)
+    height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    area = height * width * (area_range[0] + (area_range[1] - area_range[0]) * uniforms[0])
+    log_lo, log_hi = np.log(aspect_range[0]), np.log(aspect_range[1])
+    aspect = tf.exp(log_lo + (log_hi - log_lo) * uniforms[1])
+    w, h = tf.round(tf.sqrt(area * aspect)), tf.round(tf.sqrt(area / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = tf.argmax(tf.cast(fits, tf.int32))
+    y = tf.floor(uniforms[2][first] * (height - h[first] + 1.0))
+    x = tf.floor(uniforms[3][first] * (width - w[first] + 1.0))
+    in_aspect = width / height
+    fallback_w = tf.where(in_aspect > aspect_range[1], tf.round(height * aspect_range[1]), width)
+    fallback_h = tf.where(in_aspect < aspect_range[0], tf.round(width / aspect_range[0]), height)
+    fallback = [tf.floor((height - fallback_h) / 2), tf.floor((width - fallback_w) / 2), fallback_h, fallback_w]
+    window = tf.where(tf.reduce_any(fits), tf.stack([y, x, h[first], w[first]]), tf.stack(fallback))
+    return tf.unstack(tf.cast(window, tf.int32))
 
 
-def random_resized_crop(image, size: int, seed, channels: int):
-    """Encoded or decoded image -> float32 [size, size, channels] random-resized crop."""
+RRC_MODES = ("deepmind", "torchvision")
+INTERPOLATIONS = ("bicubic", "bilinear", "random")
+
+
+def resize(image, height: int, width: int, antialias: bool = False, method="bicubic"):
+    """Resize to [height, width] as float32 (no clipping, like DeepMind); bicubic unless ``method`` says."""
     tf = import_tf()
+    return tf.image.resize(tf.cast(image, tf.float32), [height, width], method=method, antialias=antialias)
+
+
+def _resize_with(image, size: int, seed, interpolation: str, antialias: bool):
+    """Resize to size x size with ``interpolation``; 'random' picks bilinear or bicubic per image from ``seed``
+    (timm's default train interpolation)."""
+    tf = import_tf()
+    if interpolation != "random":
+        return resize(image, size, size, antialias=antialias, method=interpolation)
+    return tf.cond(
+        tf.random.stateless_uniform([], seed) < 0.5,
+        lambda: resize(image, size, size, antialias=antialias, method="bilinear"),
+        lambda: resize(image, size, size, antialias=antialias, method="bicubic"),
+    )
+
+
+def random_resized_crop(image, size: int, seed, channels: int, mode: str = "deepmind", interpolation="bicubic"):
+    """Encoded or decoded image -> float32 [size, size, channels] random-resized crop.
+
+    mode 'deepmind': TF's distorted-bounding-box sampler with DeepMind's fallback; resized without antialiasing
+      (DeepMind: bicubic).
+    mode 'torchvision': ``torchvision_crop_window``; resized with antialiasing, as PIL does.
+    ``interpolation``: 'bicubic', 'bilinear' or 'random' (one of the two per image).
+    """
+    tf = import_tf()
+    if mode not in RRC_MODES:
+        raise ValueError(f"unknown rrc_mode {mode!r}; use one of {', '.join(RRC_MODES)}")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"unknown train_interpolation {interpolation!r}; use one of {', '.join(INTERPOLATIONS)}")
+    window_seed, method_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
 
     def crop_and_resize(im):
-        return resize(crop(im, sample_crop_window(image_shape(im), seed, size), channels), size, size)
+        if mode == "deepmind":
+            cropped = crop(im, sample_crop_window(image_shape(im), seed, size), channels)
+        else:
+            uniforms = tf.random.stateless_uniform([4, RRC_MAX_ATTEMPTS], window_seed)
+            cropped = crop(im, torchvision_crop_window(image_shape(im), uniforms), channels)
+        return _resize_with(cropped, size, method_seed, interpolation, antialias=mode == "torchvision")
 
     if not is_encoded(image):
         return crop_and_resize(image)
@@ -134,12 +190,12 @@ def resize_to(image, size: int | None, channels: int):
     )
 
 
-def eval_preprocess(image, size: int | None, mode: str, crop_pct: float, channels: int):
+def eval_preprocess(image, size: int | None, mode: str, crop_pct: float, channels: int, interpolation="bicubic"):
     """Eval transform -> float32 [size, size, channels].
 
     'deepmind': resize (not aspect-preserving, bicubic) to (size + 32)^2, center-crop size.
-    'crop_pct': timm; resize the short side to floor(size / crop_pct) (aspect-preserving, bicubic,
-                antialiased), center-crop size.
+    'crop_pct': timm / torchvision; resize the short side to floor(size / crop_pct) (aspect-preserving,
+                antialiased, ``interpolation`` 'bicubic' (timm) or 'bilinear' (torchvision)), center-crop size.
     'none':     decode only (resize to size if the stored size differs).
     """
     tf = import_tf()
@@ -153,7 +209,9 @@ def eval_preprocess(image, size: int | None, mode: str, crop_pct: float, channel
         short_side = float(int(size / crop_pct))
         new_hw = tf.cast(tf.round(shape * short_side / tf.reduce_min(shape)), tf.int32)
         new_hw = tf.maximum(new_hw, size)
-        scaled = tf.image.resize(tf.cast(image, tf.float32), new_hw, method="bicubic", antialias=True)
+        if interpolation not in ("bicubic", "bilinear"):
+            raise ValueError(f"unknown eval_interpolation {interpolation!r}; use 'bicubic' or 'bilinear'")
+        scaled = tf.image.resize(tf.cast(image, tf.float32), new_hw, method=interpolation, antialias=True)
     else:
         raise ValueError(f"unknown eval_preprocess {mode!r}; use 'deepmind', 'crop_pct' or 'none'")
     shape = tf.shape(scaled)

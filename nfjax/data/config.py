@@ -34,6 +34,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.eval_preprocess = "deepmind"  # 'deepmind' (resize to S+32, crop S) | 'crop_pct' | 'none'
     c.crop_pct = 0.875
     c.random_resized_crop = True
+    c.rrc_mode = "deepmind"  # random-resized-crop sampler: 'deepmind' (TF distorted box) | 'torchvision'
+    c.train_interpolation = "bicubic"  # random-resized crop: 'bicubic' | 'bilinear' | 'random' (timm: per image)
+    c.eval_interpolation = "bicubic"  # eval_preprocess 'crop_pct': 'bicubic' (timm) | 'bilinear' (torchvision)
     c.pad_crop = 0  # pixels of zero padding before a random crop back to size (small images)
     c.flip = True
     c.randaugment_layers = 0  # 0: off
@@ -62,6 +65,24 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.tf_threads = 0  # tf.data private thread pool size; 0: TF default (all cores)
     c.seed = 0
     return c
+
+
+DATA_CHOICES = {
+    "eval_preprocess": ("deepmind", "crop_pct", "none"),
+    "rrc_mode": ("deepmind", "torchvision"),
+    "train_interpolation": ("bicubic", "bilinear", "random"),
+    "eval_interpolation": ("bicubic", "bilinear"),
+    "randaugment_variant": ("deepmind", "deepmind_fixed", "timm"),
+    "mix_mode": ("deepmind", "timm"),
+    "backend": ("auto", "tfdata", "numpy"),
+}
+
+
+def check_data_config(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the field, its value and the valid choices, before any data is read."""
+    for field, valid in DATA_CHOICES.items():
+        if cfg.get(field) not in valid:
+            raise ValueError(f"data.{field}={cfg.get(field)!r} is invalid; valid: {', '.join(map(repr, valid))}")
 
 
 def fashion_mnist_data_config(data_dir: str = DEFAULT_DATA_DIR) -> ml_collections.ConfigDict:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from nfjax.data import numpy_backend, sharding, tfdata_backend
-from nfjax.data.config import mean_std
+from nfjax.data.config import check_data_config, mean_std
 from nfjax.data.mix import mix_batch, mix_rng, needs_label_probs, randaugment_after_mix
 from nfjax.data.sources import ImageFolderSource, SourceInfo, make_source
 
@@ -74,6 +74,7 @@ def batch_image_shape(cfg, info: SourceInfo, train: bool = True) -> tuple[int, i
 def dataset_info(cfg) -> DatasetInfo:
     """Example counts, classes and batch image shape from the dataset's metadata (no pixel is decoded; an
     image folder without data.image_size has its image headers read once, see ``source_info``)."""
+    check_data_config(cfg)
     train = source_info(make_source(cfg, cfg.train_split), cfg)
     evaluation = make_source(cfg, cfg.eval_split).info()
     return DatasetInfo(
@@ -145,6 +146,7 @@ def build_train_iterator(
     mixing / smoothing / BCE targets are on; b = global_batch / process_count on the host, or global jax
     Arrays sharded along the mesh's 'data' axis when ``mesh`` is given. ``seed`` defaults to cfg.seed.
     """
+    check_data_config(cfg)
     plan = _plan(global_batch, mesh, process_index, process_count, device_count)
     seed = cfg.seed if seed is None else seed
     source = make_source(cfg, cfg.train_split)

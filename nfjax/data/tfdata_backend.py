@@ -68,7 +68,7 @@ def make_train_stages(cfg, channels: int, size: int, mean, std, num_classes: int
 
     def geometric(image, crop_seed, pad_seed, flip_seed):
         if cfg.random_resized_crop:
-            image = augment.random_resized_crop(image, size, crop_seed, channels)
+            image = augment.random_resized_crop(image, size, crop_seed, channels, cfg.rrc_mode, cfg.train_interpolation)
         else:
             image = augment.resize_to(image, cfg.image_size, channels)
         image = tf.ensure_shape(image, [size, size, channels])
@@ -121,7 +121,9 @@ def make_eval_transform(cfg, channels: int, size: int | None, mean, std) -> Call
     """(image, label, mask) -> {'image': float32 [S, S, C'], 'label', 'mask'}."""
 
     def transform(image, label, mask):
-        image = augment.eval_preprocess(image, size, cfg.eval_preprocess, cfg.crop_pct, channels)
+        image = augment.eval_preprocess(
+            image, size, cfg.eval_preprocess, cfg.crop_pct, channels, cfg.eval_interpolation
+        )
         return {"image": augment.normalize(image, mean, std, cfg.grayscale_to_rgb), "label": label, "mask": mask}
 
     return transform
