@@ -48,9 +48,14 @@ def default_train_config() -> ml_collections.ConfigDict:
             global_batch=256,
             epochs=90.0,  # training length in epochs of the train split ...
             total_steps=0,  # ... or in steps when > 0
+            # How epochs become optimizer steps. 'epochs': floor(N / B) whole batches per epoch, epochs x that in
+            # all (timm). 'examples': (N x epochs) // B in all, and the schedule's epochs are N / B steps, a
+            # fraction (DeepMind's NFNet experiment). The input pipeline batches each epoch the same in both.
+            step_counting="epochs",
             seed=0,
             loss="softmax_xent",  # 'softmax_xent' | 'sigmoid_bce' | 'focal'
             focal_gamma=2.0,
+            bce_reduction="mean",  # loss='sigmoid_bce': 'mean' over classes (timm's default) | 'sum' over classes
             compute_dtype="auto",  # 'auto' (bf16 on GPU/TPU, float32 on CPU) | 'float32' | 'bfloat16'
             num_devices=0,  # 0: every visible device
             log_every_steps=50,

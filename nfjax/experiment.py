@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -30,12 +31,13 @@ from flax import nnx
 from nfjax import data as data_lib
 from nfjax import finetune, optim, parallel
 from nfjax.checkpoint import Checkpointer, abstract_like, check_compatible
-from nfjax.losses import LOSSES, make_loss_fn
+from nfjax.losses import BCE_REDUCTIONS, LOSSES, make_loss_fn
 from nfjax.models import create_model, model_metadata
 from nfjax.steps import make_eval_step, make_train_step
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 NONFINITE_POLICIES = ("stop", "skip")
+STEP_COUNTINGS = ("epochs", "examples")
 
 
 class RunError(RuntimeError):
@@ -78,11 +80,14 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Lengths:
-    """Schedule lengths in optimizer steps."""
+    """Schedule lengths in optimizer steps. ``steps_per_epoch`` is what the input pipeline yields per epoch (whole
+    batches); ``schedule_steps_per_epoch`` is an epoch as the lr schedule counts it: the same int with
+    ``train.step_counting='epochs'``, the exact ``N / B`` (a float) with ``'examples'``."""
 
     steps_per_epoch: int
     total_steps: int
     eval_every: int
+    schedule_steps_per_epoch: int | float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,20 +101,39 @@ class StateSpec:
 
 
 def _lengths(train_cfg: ml_collections.ConfigDict, info: data_lib.DatasetInfo) -> Lengths:
-    steps_per_epoch = info.num_train_examples // train_cfg.global_batch
+    """'epochs': ``round(epochs * floor(N / B))`` steps (whole batches per epoch, as timm's drop_last loader);
+    'examples': ``floor(N * epochs / B)`` steps, the schedule's epoch ``N / B`` steps (DeepMind's NFNet experiment:
+    ``training_steps = images_per_epoch * num_epochs // batch``). ``train.total_steps > 0`` overrides both."""
+    examples, batch = info.num_train_examples, train_cfg.global_batch
+    steps_per_epoch = examples // batch
     if steps_per_epoch == 0:
-        raise ValueError(
-            f"train.global_batch={train_cfg.global_batch} exceeds the {info.num_train_examples} "
-            "training examples; use a smaller batch"
-        )
-    total = train_cfg.total_steps or max(1, round(train_cfg.epochs * steps_per_epoch))
+        raise ValueError(f"train.global_batch={batch} exceeds the {examples} training examples; use a smaller batch")
+    epochs, schedule_spe = train_cfg.epochs, steps_per_epoch
+    if train_cfg.get("step_counting", "epochs") == "examples":  # configs saved before the field: 'epochs'
+        schedule_spe = examples / batch
+        exact = float(epochs).is_integer()  # integer arithmetic where it can be, as DeepMind's
+        steps = examples * int(epochs) // batch if exact else math.floor(examples * epochs / batch)
+    else:
+        steps = round(epochs * steps_per_epoch)
+    total = train_cfg.total_steps or max(1, steps)
     every = train_cfg.eval_every_steps or max(1, round(train_cfg.eval_every_epochs * steps_per_epoch))
-    return Lengths(steps_per_epoch, total, every)
+    return Lengths(steps_per_epoch, total, every, schedule_spe)
 
 
 def _check_train(train_cfg: ml_collections.ConfigDict) -> None:
     if train_cfg.loss not in LOSSES:
         raise ValueError(f"train.loss={train_cfg.loss!r} is invalid; valid: {', '.join(LOSSES)}")
+    if train_cfg.bce_reduction not in BCE_REDUCTIONS:
+        raise ValueError(
+            f"train.bce_reduction={train_cfg.bce_reduction!r} is invalid; valid: {', '.join(BCE_REDUCTIONS)} "
+            "('mean': the BCE averaged over classes, timm's default and the RSB runs'; 'sum': summed over classes)"
+        )
+    if train_cfg.step_counting not in STEP_COUNTINGS:
+        raise ValueError(
+            f"train.step_counting={train_cfg.step_counting!r} is invalid; valid: {', '.join(STEP_COUNTINGS)} "
+            "('epochs': floor(examples / batch) steps per epoch, as timm; 'examples': examples x epochs // batch "
+            "steps in all with fractional epochs in the lr schedule, as DeepMind's NFNet experiment)"
+        )
     if train_cfg.nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"train.nonfinite={train_cfg.nonfinite!r} is invalid; valid: {', '.join(NONFINITE_POLICIES)}")
     for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_consecutive_nonfinite"):
@@ -149,7 +173,7 @@ class Experiment:
         """The optimizer bundle; validating the ``optim`` section happens here, once."""
         return optim.build_optimizer(
             self.cfg.optim,
-            steps_per_epoch=self.lengths.steps_per_epoch,
+            steps_per_epoch=self.lengths.schedule_steps_per_epoch,
             total_steps=self.lengths.total_steps,
             global_batch=self.cfg.train.global_batch,
         )
@@ -232,7 +256,7 @@ class Experiment:
     def train_step(self) -> Callable[[dict, dict], tuple[dict, dict]]:
         """The jitted train step (state donated)."""
         train = self.cfg.train
-        loss_fn = make_loss_fn(train.loss, focal_gamma=train.focal_gamma)
+        loss_fn = make_loss_fn(train.loss, focal_gamma=train.focal_gamma, bce_reduction=train.bce_reduction)
         skip = train.nonfinite == "skip"
         step = make_train_step(
             self.graphdef, self.optimizer, loss_fn, seed=train.seed, mesh=self.mesh, skip_nonfinite=skip

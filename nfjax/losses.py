@@ -6,6 +6,7 @@ threshold are applied to the targets by the input pipeline (``label_probs``), so
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 LOSSES = ("softmax_xent", "sigmoid_bce", "focal")
+BCE_REDUCTIONS = ("mean", "sum")
 
 
 def _as_probs(targets: jax.Array, num_classes: int) -> jax.Array:
@@ -26,10 +28,18 @@ def softmax_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), _as_probs(targets, logits.shape[-1]))
 
 
-def sigmoid_binary_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """BCE summed over classes (the RSB recipes): mean over classes * C as timm's BinaryCrossEntropy."""
+def sigmoid_binary_cross_entropy(logits: jax.Array, targets: jax.Array, reduction: str = "mean") -> jax.Array:
+    """One-vs-all BCE of each example, reduced over its C classes: ``'mean'`` (``1/C sum_c``) or ``'sum'``.
+
+    The train step then averages over examples, so ``'mean'`` is timm's BinaryCrossEntropy with its default
+    ``reduction='mean'`` (the mean over batch x classes, used by the ResNet-strikes-back runs) and ``'sum'`` is
+    C times that (loss and gradients), timm's opt-in sum over classes.
+    """
+    if reduction not in BCE_REDUCTIONS:
+        raise ValueError(f"BCE reduction {reduction!r} is invalid; valid: {', '.join(map(repr, BCE_REDUCTIONS))}")
     probs = _as_probs(targets, logits.shape[-1])
-    return jnp.sum(optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), probs), axis=-1)
+    per_class = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), probs)
+    return jnp.mean(per_class, axis=-1) if reduction == "mean" else jnp.sum(per_class, axis=-1)
 
 
 def focal_loss(logits: jax.Array, targets: jax.Array, gamma: float = 2.0) -> jax.Array:
@@ -39,12 +49,20 @@ def focal_loss(logits: jax.Array, targets: jax.Array, gamma: float = 2.0) -> jax
     return -jnp.sum(probs * jnp.power(1.0 - jnp.exp(log_p), gamma) * log_p, axis=-1)
 
 
-def make_loss_fn(name: str, *, focal_gamma: float = 2.0) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """Returns loss(logits, targets) -> [N] for a config's ``train.loss``."""
+def make_loss_fn(
+    name: str, *, focal_gamma: float = 2.0, bce_reduction: str = "mean"
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """Returns loss(logits, targets) -> [N] for a config's ``train.loss`` (``bce_reduction``: ``train.bce_reduction``,
+    read by ``sigmoid_bce`` only)."""
     if name == "softmax_xent":
         return softmax_cross_entropy
     if name == "sigmoid_bce":
-        return sigmoid_binary_cross_entropy
+        if bce_reduction not in BCE_REDUCTIONS:
+            raise ValueError(
+                f"train.bce_reduction={bce_reduction!r} is invalid; valid: {', '.join(map(repr, BCE_REDUCTIONS))} "
+                "('mean' averages the BCE over classes as timm's BinaryCrossEntropy does, 'sum' adds it up)"
+            )
+        return functools.partial(sigmoid_binary_cross_entropy, reduction=bce_reduction)
     if name == "focal":
         return lambda z, t: focal_loss(z, t, focal_gamma)
     raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")

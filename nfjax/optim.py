@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -74,7 +75,8 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("sgd", "lamb", "adamw")
-SCHEDULES = ("warmup_cosine", "step", "constant")
+SCHEDULES = ("warmup_cosine", "timm_cosine", "step", "constant")
+SCHEDULE_UNITS = ("step", "epoch")
 CLIPPINGS = ("agc", "global_norm", "none")
 DECAY_MODES = ("coupled", "decoupled", "auto")
 LR_REFERENCE_BATCH = 256  # lr = base_lr * global_batch / 256 (Goyal et al.; DeepMind's lr_scale_by_bs)
@@ -101,10 +103,13 @@ def default_optim_config() -> ml_collections.ConfigDict:
             agc_eps=1e-3,  # floor on the unit param norm, so zero-init params still move
             clip_exclude=(CLASSIFIER_KERNEL,),  # regexes on the path: not clipped by AGC
             max_grad_norm=1.0,  # clipping='global_norm' only
-            schedule="warmup_cosine",  # 'warmup_cosine' | 'step' | 'constant'
-            warmup_epochs=5.0,  # linear warmup from 0
+            schedule="warmup_cosine",  # 'warmup_cosine' | 'timm_cosine' | 'step' | 'constant'
+            warmup_epochs=5.0,  # linear warmup from warmup_start_lr to the peak
             warmup_steps=0,  # > 0 overrides warmup_epochs
+            warmup_start_lr=0.0,  # absolute lr at step 0 of the warmup (timm's --warmup-lr; DeepMind: 0)
             end_lr_factor=0.0,  # cosine floor, as a fraction of the peak lr
+            cooldown_epochs=0.0,  # cosine schedules: the last epochs held at the floor (timm's --cooldown-epochs)
+            schedule_unit="step",  # 'step': lr changes every step | 'epoch': held within each epoch (timm's default)
             step_boundaries_epochs=(30.0, 60.0, 80.0),  # schedule='step' only
             step_decay_factor=0.1,  # schedule='step': lr *= factor at each boundary
             ema_decay=0.99999,  # 0 disables the parameter EMA
@@ -158,6 +163,8 @@ def _check_numbers(c: ml_collections.ConfigDict) -> None:
         ("max_grad_norm", c.max_grad_norm > 0, "must be > 0; use clipping='none' to disable clipping"),
         ("warmup_epochs", c.warmup_epochs >= 0, "must be >= 0"),
         ("warmup_steps", c.warmup_steps >= 0, "must be >= 0 (0 means: use warmup_epochs)"),
+        ("warmup_start_lr", 0 <= c.warmup_start_lr < math.inf, "must be a finite lr >= 0 (0: warm up from 0)"),
+        ("cooldown_epochs", 0 <= c.cooldown_epochs < math.inf, "must be a finite number of epochs >= 0"),
         ("end_lr_factor", 0 <= c.end_lr_factor <= 1, "must be in [0, 1] (fraction of the peak lr)"),
         ("step_decay_factor", c.step_decay_factor > 0, "must be > 0"),
         ("ema_decay", 0 <= c.ema_decay < 1, "must be in [0, 1) (0 disables the EMA; DeepMind 0.99999)"),
@@ -177,27 +184,33 @@ def _check_numbers(c: ml_collections.ConfigDict) -> None:
                 _fail(field, pattern, f"each entry must be a regular expression ({err})")
 
 
-def _check_steps(c: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int, batch: int) -> None:
+def _check_steps(c: ml_collections.ConfigDict, steps_per_epoch: float, total_steps: int, batch: int) -> None:
     for name, value in (("steps_per_epoch", steps_per_epoch), ("total_steps", total_steps)):
         if value < 1:
             raise ValueError(f"{name}={value} is invalid: must be >= 1 optimizer step.")
     if batch < 1 or batch % c.accum_steps:
         _fail("accum_steps", c.accum_steps, f"must divide the global batch {batch} (>= 1)")
-    warmup = warmup_steps_of(c, steps_per_epoch)
+    if c.cooldown_epochs and c.schedule not in ("warmup_cosine", "timm_cosine"):
+        _fail("cooldown_epochs", c.cooldown_epochs, f"only the cosine schedules have a cooldown, not {c.schedule!r}")
+    warmup, end = warmup_steps_of(c, steps_per_epoch), decay_end_of(c, steps_per_epoch, total_steps)
     if warmup >= total_steps:
+        field = "warmup_steps" if c.warmup_steps else "warmup_epochs"
+        _fail(field, c[field], f"the warmup ({warmup:g} steps) must be shorter than training ({total_steps} steps)")
+    if warmup >= end:
         _fail(
-            "warmup_steps" if c.warmup_steps else "warmup_epochs",
-            c.warmup_steps or c.warmup_epochs,
-            f"the warmup ({warmup} steps) must be shorter than training ({total_steps} steps)",
+            "cooldown_epochs",
+            c.cooldown_epochs,
+            f"the warmup ({warmup:g} steps) and the cooldown ({total_steps - end:g} steps) leave no steps for the "
+            f"cosine in training ({total_steps} steps); shorten either",
         )
     if c.schedule == "step":
-        bounds = [round(e * steps_per_epoch) for e in c.step_boundaries_epochs]
+        bounds = boundary_steps_of(c, steps_per_epoch)
         ok = all(a < b for a, b in zip([warmup, *bounds], [*bounds, total_steps], strict=True))
         if not bounds or not ok:
             _fail(
                 "step_boundaries_epochs",
                 tuple(c.step_boundaries_epochs),
-                f"need increasing epochs after the warmup ({warmup} steps) and before the end "
+                f"need increasing epochs after the warmup ({warmup:g} steps) and before the end "
                 f"({total_steps / steps_per_epoch:g} epochs)",
             )
 
@@ -205,7 +218,7 @@ def _check_steps(c: ml_collections.ConfigDict, steps_per_epoch: int, total_steps
 def validate_optim_config(
     cfg: Mapping[str, Any] | ml_collections.ConfigDict,
     *,
-    steps_per_epoch: int,
+    steps_per_epoch: float,
     total_steps: int,
     global_batch: int,
 ) -> ml_collections.ConfigDict:
@@ -213,11 +226,14 @@ def validate_optim_config(
 
     Runs before any compute. ``steps_per_epoch`` and ``total_steps`` count optimizer steps (one step per
     ``accum_steps`` micro-batches); ``global_batch`` is the batch of one optimizer step, all devices.
+    ``steps_per_epoch`` is an epoch as the schedule counts it: an int rounds epoch lengths to whole steps, a float
+    (``train.step_counting='examples'``: examples / batch) keeps them fractional (see :func:`build_schedule`).
     """
     c = _merge(cfg)
     for field, valid in (
         ("name", OPTIMIZERS),
         ("schedule", SCHEDULES),
+        ("schedule_unit", SCHEDULE_UNITS),
         ("clipping", CLIPPINGS),
         ("decay_mode", DECAY_MODES),
     ):
@@ -243,38 +259,76 @@ def peak_learning_rate(c: ml_collections.ConfigDict, global_batch: int) -> float
     return c.base_lr * global_batch / LR_REFERENCE_BATCH if c.scale_lr_by_batch else c.base_lr
 
 
-def warmup_steps_of(c: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
-    """``warmup_steps`` if > 0, else ``round(warmup_epochs * steps_per_epoch)``."""
-    return int(c.warmup_steps) if c.warmup_steps > 0 else round(c.warmup_epochs * steps_per_epoch)
+def _epoch_steps(epochs: float, steps_per_epoch: float) -> float:
+    """``epochs`` in steps: rounded to a whole step when ``steps_per_epoch`` is an int, else exact (a float)."""
+    steps = epochs * steps_per_epoch
+    return round(steps) if isinstance(steps_per_epoch, numbers.Integral) else steps
 
 
-def _after_warmup(main: optax.Schedule, peak: float, warmup: int) -> optax.Schedule:
-    """lr(t) = peak * t / warmup for t < warmup, then ``main(t - warmup)``."""
-    if warmup == 0:  # optax.linear_schedule with 0 steps would hold its init value (0)
-        return main
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
+def warmup_steps_of(c: ml_collections.ConfigDict, steps_per_epoch: float) -> float:
+    """``warmup_steps`` if > 0, else ``warmup_epochs`` in steps (:func:`_epoch_steps`)."""
+    return int(c.warmup_steps) if c.warmup_steps > 0 else _epoch_steps(c.warmup_epochs, steps_per_epoch)
+
+
+def decay_end_of(c: ml_collections.ConfigDict, steps_per_epoch: float, total_steps: int) -> float:
+    """The step where a cosine reaches its floor: ``total_steps`` less ``cooldown_epochs`` in steps."""
+    return total_steps - _epoch_steps(c.cooldown_epochs, steps_per_epoch)
+
+
+def boundary_steps_of(c: ml_collections.ConfigDict, steps_per_epoch: float) -> list[float]:
+    """``schedule='step'``: the ``step_boundaries_epochs`` in steps (:func:`_epoch_steps`)."""
+    return [_epoch_steps(e, steps_per_epoch) for e in c.step_boundaries_epochs]
+
+
+def _epoch_start(step: jax.Array, steps_per_epoch: float) -> jax.Array:
+    """The first step of ``step``'s epoch, ``floor(step / steps_per_epoch) * steps_per_epoch`` (fractional when
+    ``steps_per_epoch`` is): the lr is then held for the whole epoch, as timm's per-epoch scheduler step."""
+    if isinstance(steps_per_epoch, numbers.Integral):
+        return (step // steps_per_epoch) * steps_per_epoch
+    return jnp.floor(step.astype(jnp.float32) / steps_per_epoch) * steps_per_epoch
 
 
 def build_schedule(
-    c: ml_collections.ConfigDict, *, steps_per_epoch: int, total_steps: int, global_batch: int
+    c: ml_collections.ConfigDict, *, steps_per_epoch: float, total_steps: int, global_batch: int
 ) -> optax.Schedule:
     """The lr schedule, evaluated at the number of updates already applied (``t = 0`` for the first).
 
-    With ``W`` warmup steps, ``T = total_steps``, peak ``L`` and floor ``F = end_lr_factor * L``:
+    With ``W`` warmup steps, ``T = total_steps``, ``D = T - cooldown`` (the cosine's end), peak ``L``, warmup start
+    ``S = warmup_start_lr`` and floor ``F = end_lr_factor * L``: ``lr(t) = S + (L - S) t / W`` for ``t < W``, then
 
-    - ``warmup_cosine``: ``L t / W`` for ``t < W``; ``F + (L - F) (1 + cos(pi (t - W) / (T - W))) / 2``.
-    - ``step``: warmup, then ``L * step_decay_factor ** (number of boundaries <= t)``.
-    - ``constant``: warmup, then ``L``.
+    - ``warmup_cosine``: ``F + (L - F) (1 + cos(pi (min(t, D) - W) / (D - W))) / 2``, the cosine after the warmup
+      (DeepMind's WarmupCosineDecay; timm's cosine with ``warmup_prefix=True``);
+    - ``timm_cosine``: ``F + (L - F) (1 + cos(pi min(t, D) / D)) / 2``, the cosine over the whole run, the warmup
+      overlaid on its start (timm's CosineLRScheduler with its default ``warmup_prefix=False``);
+    - ``step``: ``L * step_decay_factor ** (number of boundaries <= t)``;
+    - ``constant``: ``L``.
+
+    ``W``, ``D`` and the step boundaries are whole steps when ``steps_per_epoch`` is an int and fractional when it is
+    a float (DeepMind's ``warmup_steps = 5 * images_per_epoch / batch``). ``schedule_unit='epoch'`` evaluates the
+    schedule at the first step of ``t``'s epoch, so the lr of epoch ``e`` is ``lr(e * steps_per_epoch)``.
     """
-    peak, warmup = peak_learning_rate(c, global_batch), warmup_steps_of(c, steps_per_epoch)
-    if c.schedule == "warmup_cosine":
-        main = optax.cosine_decay_schedule(peak, total_steps - warmup, alpha=c.end_lr_factor)
-    elif c.schedule == "step":
-        bounds = [round(e * steps_per_epoch) - warmup for e in c.step_boundaries_epochs]
-        main = optax.piecewise_constant_schedule(peak, {b: c.step_decay_factor for b in bounds})
-    else:
-        main = optax.constant_schedule(peak)
-    return _after_warmup(main, peak, warmup)
+    peak, start = peak_learning_rate(c, global_batch), c.warmup_start_lr
+    warmup, end = warmup_steps_of(c, steps_per_epoch), decay_end_of(c, steps_per_epoch, total_steps)
+    floor, bounds = c.end_lr_factor * peak, boundary_steps_of(c, steps_per_epoch)
+
+    def after_warmup(t: jax.Array) -> jax.Array:
+        if c.schedule in ("warmup_cosine", "timm_cosine"):
+            first = warmup if c.schedule == "warmup_cosine" else 0.0
+            progress = (jnp.minimum(t, end) - first) / (end - first)
+            return 0.5 * (peak - floor) * (1 + jnp.cos(jnp.pi * progress)) + floor  # DeepMind's order of operations
+        if c.schedule == "step":
+            passed = sum((t >= b).astype(jnp.float32) for b in bounds)
+            return peak * jnp.power(jnp.float32(c.step_decay_factor), passed)
+        return jnp.full_like(t, peak)
+
+    def schedule(step: jax.typing.ArrayLike) -> jax.Array:
+        step = jnp.asarray(step)
+        t = (_epoch_start(step, steps_per_epoch) if c.schedule_unit == "epoch" else step).astype(jnp.float32)
+        if warmup == 0:
+            return after_warmup(t)
+        return jnp.where(t < warmup, (peak - start) * (t / warmup) + start, after_warmup(t))
+
+    return schedule
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -346,7 +400,7 @@ class Optimizer:
     config: ml_collections.ConfigDict  # the validated section, every field present
     tx: optax.GradientTransformation
     schedule: optax.Schedule
-    steps_per_epoch: int
+    steps_per_epoch: float  # an epoch as the schedule counts it (see build_schedule)
     total_steps: int
 
     @property
@@ -392,7 +446,7 @@ class Optimizer:
 def build_optimizer(
     cfg: Mapping[str, Any] | ml_collections.ConfigDict,
     *,
-    steps_per_epoch: int,
+    steps_per_epoch: float,
     total_steps: int,
     global_batch: int,
 ) -> Optimizer:

@@ -379,6 +379,131 @@ def test_lamb_step_matches_reference():
         np.testing.assert_allclose(v, p[k], rtol=1e-5, atol=1e-7, err_msg=k)
 
 
+# timm's Lamb (timm/optim/lamb.py, the same in 0.5.4, the RSB era, and 1.0) as train.py builds it for RSB: two
+# parameter groups, weight_decay for the matrices and 0 for biases and 1-D params (no trust ratio there), the
+# global gradient norm clipped to max_grad_norm=1.0 inside the optimizer, eps 1e-6, decoupled_decay=False.
+LAMB_TREE_SHAPES = {
+    "conv/kernel": (3, 3, 2, 4),
+    "bn/scale": (4,),
+    "bn/bias": (4,),
+    "fc/kernel": (4, 3),
+    "fc/bias": (3,),
+    "zero/kernel": (2, 3),  # a zero-initialized matrix: |p| = 0, trust ratio 1
+}
+
+
+def lamb_tree(seed=0):
+    rng = np.random.default_rng(seed)
+    flat_values = {
+        k: np.zeros(s) if k.startswith("zero") else rng.normal(size=s) * (0.5 if k.endswith("bias") else 1.0)
+        for k, s in LAMB_TREE_SHAPES.items()
+    }
+    tree = {}
+    for k, v in flat_values.items():
+        outer, inner = k.split("/")
+        tree.setdefault(outer, {})[inner] = jnp.asarray(v, jnp.float32)
+    return tree
+
+
+def lamb_grads(step, params):
+    """Step 1 and 3: global norm far above 1 (clipped); step 2: below 1 (left alone)."""
+    scale = {1: 5.0, 2: 0.05, 3: 3.0}[step]
+    rng = np.random.default_rng(10 + step)
+    return jax.tree.map(lambda p: jnp.asarray(scale * rng.normal(size=p.shape), jnp.float32), params)
+
+
+def np_timm_lamb(params, grads_seq, *, lr, wd, b1=0.9, b2=0.999, eps=1e-6, max_grad_norm=1.0):
+    """timm's Lamb.step, written out for NumPy: clip the raw gradient by the global norm, Adam moments with bias
+    correction, + wd * p in the decayed group, trust ratio |p| / |u| there (1 when either norm is 0), p -= lr u."""
+    p = flat(params)
+    m, v = {k: np.zeros_like(x) for k, x in p.items()}, {k: np.zeros_like(x) for k, x in p.items()}
+    decayed = {k for k, x in p.items() if x.ndim > 1 and not k.endswith("bias")}  # timm's param_groups_weight_decay
+    for step, grads in enumerate(grads_seq, start=1):
+        g = flat(grads)
+        global_norm = np.sqrt(sum((x**2).sum() for x in g.values()))
+        clip = max(global_norm / max_grad_norm, 1.0)
+        bc1, bc2 = 1 - b1**step, 1 - b2**step
+        for k in p:
+            gk = g[k] / clip
+            m[k] = b1 * m[k] + (1 - b1) * gk
+            v[k] = b2 * v[k] + (1 - b2) * gk * gk
+            update = (m[k] / bc1) / (np.sqrt(v[k]) / np.sqrt(bc2) + eps)
+            if k in decayed:
+                update = update + wd * p[k]
+                w_norm, u_norm = np.linalg.norm(p[k]), np.linalg.norm(update)
+                update = update * (w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0)
+            p[k] = p[k] - lr * update
+    return p
+
+
+def nfjax_lamb_steps(params, grads_seq, *, lr, wd):
+    cfg = config(
+        name="lamb",
+        base_lr=lr,
+        scale_lr_by_batch=False,
+        weight_decay=wd,
+        eps=1e-6,
+        clipping="global_norm",
+        max_grad_norm=1.0,
+        schedule="constant",
+        warmup_epochs=0.0,
+    )
+    opt = optim.build_optimizer(cfg, steps_per_epoch=1, total_steps=10, global_batch=256)
+    assert opt.config.decay_mode == "auto"  # decoupled for LAMB: wd * p joins the Adam update, as timm's default
+    state, new = opt.tx.init(params), params
+    update = jax.jit(opt.tx.update)
+    for grads in grads_seq:
+        updates, state = update(grads, state, new)
+        new = optax.apply_updates(new, updates)
+    return new
+
+
+def test_lamb_with_global_norm_clipping_matches_timms_lamb_in_numpy():
+    """optim.clipping='global_norm', max_grad_norm=1.0 in front of the LAMB chain is timm's in-optimizer clip:
+    g * 1 / max(|g|_global, 1) on the raw gradient (all parameters, both groups), before the moments and the
+    decay. Three steps: clipped, not clipped, clipped; bias correction; trust ratio only where decayed."""
+    params = lamb_tree()
+    grads_seq = [lamb_grads(t, params) for t in (1, 2, 3)]
+    norms = [float(optax.tree.norm(g)) for g in grads_seq]
+    assert norms[0] > 1 > norms[1] and norms[2] > 1
+    got, want = (
+        flat(nfjax_lamb_steps(params, grads_seq, lr=5e-3, wd=0.02)),
+        np_timm_lamb(params, grads_seq, lr=5e-3, wd=0.02),
+    )
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    assert np.all(got["zero/kernel"] != 0)  # the zero matrix moved: trust ratio 1, not 0
+    unclipped = np_timm_lamb(params, grads_seq, lr=5e-3, wd=0.02, max_grad_norm=1e9)
+    assert not np.allclose(unclipped["fc/bias"], want["fc/bias"], rtol=1e-4)  # the clip matters here
+
+
+def test_lamb_matches_timm_optim_lamb():
+    pytest.importorskip("torch")
+    try:
+        from nfjax.benchmark_train import import_timm
+
+        import_timm()
+    except ImportError:
+        pytest.skip("timm is not installed")
+    import torch
+    from timm.optim import Lamb
+
+    params = lamb_tree()
+    grads_seq = [lamb_grads(t, params) for t in (1, 2, 3)]
+    torch_params = {k: torch.nn.Parameter(torch.tensor(v, dtype=torch.float32)) for k, v in flat(params).items()}
+    decay = [p for k, p in torch_params.items() if p.ndim > 1 and not k.endswith("bias")]
+    no_decay = [p for k, p in torch_params.items() if not (p.ndim > 1 and not k.endswith("bias"))]
+    opt = Lamb([{"params": decay, "weight_decay": 0.02}, {"params": no_decay, "weight_decay": 0.0}], lr=5e-3)
+    assert opt.defaults["eps"] == 1e-6 and opt.defaults["max_grad_norm"] == 1.0  # timm's defaults, used by RSB
+    for grads in grads_seq:
+        for k, g in flat(grads).items():
+            torch_params[k].grad = torch.tensor(g, dtype=torch.float32)
+        opt.step()
+    got = flat(nfjax_lamb_steps(params, grads_seq, lr=5e-3, wd=0.02))
+    for k, p in torch_params.items():
+        np.testing.assert_allclose(got[k], p.detach().numpy(), rtol=1e-5, atol=1e-7, err_msg=k)
+
+
 def sched(**overrides):
     cfg = optim.validate_optim_config(config(**overrides), steps_per_epoch=10, total_steps=100, global_batch=256)
     return optim.build_schedule(cfg, steps_per_epoch=10, total_steps=100, global_batch=256)
