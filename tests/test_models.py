@@ -10,6 +10,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nfjax.models import create_model, list_models, model_metadata
+from nfjax.models import layers as L
 from nfjax.models.__main__ import main as models_cli
 from nfjax.models.layers import avg_pool_2x2
 from nfjax.models.summary import abstract_model, count_macs, count_params, xla_flops_per_image
@@ -247,3 +248,64 @@ def test_nf_models_train_one_step_and_gradients_reach_every_parameter():
     flat = {jax.tree_util.keystr(p): g for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
     assert all(np.isfinite(g).all() for g in flat.values())
     assert any("skip_gain" in k and np.abs(g).sum() > 0 for k, g in flat.items())
+
+
+# Every activation of DeepMind's gamma table that keeps the channel count, plus timm's names for two of them.
+ELEMENTWISE_ACTIVATIONS = sorted(set(L.GAMMA) - {"glu"}) + ["gelu_exact", "softsign"]
+
+
+@pytest.mark.parametrize("activation", ELEMENTWISE_ACTIVATIONS)
+def test_tiny_nfnet_runs_with_every_elementwise_activation(activation):
+    model = _tiny_nfnet(activation=activation)
+    for block in model.blocks:  # open the residual branches so every activation is on the output's path
+        block.skip_gain[...] = jnp.ones(())
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    logits = model(x)
+    chex.assert_shape(logits, (2, 10))
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+@pytest.mark.parametrize("gamma_in_conv", [False, True])
+def test_nf_resnet_runs_with_a_new_activation(gamma_in_conv):
+    model = create_model(
+        "nf_resnet50",
+        num_classes=10,
+        rngs=nnx.Rngs(0),
+        activation="celu",
+        gamma_in_conv=gamma_in_conv,
+        **TINY_NF_RESNET,
+    )
+    logits = model(jax.random.normal(jax.random.key(0), (2, 16, 16, 3)))
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+@pytest.mark.parametrize("name", ["nfnet_f0", "nf_resnet50"])
+def test_nf_models_refuse_glu_with_a_clear_error(name):
+    tiny = TINY_NFNET if name == "nfnet_f0" else TINY_NF_RESNET
+    with pytest.raises(ValueError, match="'glu' halves the channel axis"):
+        create_model(name, num_classes=10, rngs=nnx.Rngs(0), activation="glu", **tiny)
+
+
+def test_bn_resnet_classifier_has_torch_linear_default_init():
+    # torch.nn.Linear: weight and bias both uniform on [-1/sqrt(fan_in), 1/sqrt(fan_in)]; torchvision and timm keep
+    # it for the ResNet fc. ResNet-50's fan_in 2048 (the stages before the last shrunk to keep the test fast).
+    model = create_model("resnet50", rngs=nnx.Rngs(0), widths=(64, 64, 64, 2048), depths=(1, 1, 1, 1))
+    bound = 1 / np.sqrt(2048)
+    kernel, bias = np.asarray(model.classifier.kernel[...]), np.asarray(model.classifier.bias[...])
+    assert kernel.shape == (2048, 1000) and bias.shape == (1000,)
+    for values, rel in ((kernel, 0.01), (bias, 0.1)):
+        assert np.abs(values).max() <= bound
+        assert np.abs(values).max() > 0.99 * bound  # fills the interval: uniform, not a narrower normal
+        np.testing.assert_allclose(values.std(), bound / np.sqrt(3), rtol=rel)  # std of U(-b, b)
+        assert abs(values.mean()) < 0.1 * bound
+        assert abs(np.mean(np.abs(values) < bound / 2) - 0.5) < 0.05  # flat density
+    assert not np.allclose(kernel[:1000, 0], bias)  # drawn from its own key
+
+
+@pytest.mark.parametrize("name", ["nfnet_f0", "nf_resnet50"])
+def test_nf_classifier_init_stays_deepminds(name):
+    tiny = TINY_NFNET if name == "nfnet_f0" else dict(widths=(64, 2048), depths=(1, 1), strides=(1, 2), stem_width=16)
+    model = create_model(name, num_classes=1000, rngs=nnx.Rngs(0), **tiny)
+    kernel = np.asarray(model.classifier.kernel[...])
+    np.testing.assert_array_equal(model.classifier.bias[...], 0.0)
+    np.testing.assert_allclose(kernel.std(), 0.01, rtol=0.02)

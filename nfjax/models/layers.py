@@ -18,44 +18,64 @@ from flax import nnx
 Padding = str | Sequence[tuple[int, int]]
 GroupedConvImpl = Literal["auto", "native", "split"]
 
-# act(x) * gamma has unit variance for x ~ N(0, 1). Empirical constants of the DeepMind release (the same
-# literals timm uses); they are data, checked by tests against a Monte-Carlo estimate.
+# act(x) * gamma has unit variance for x ~ N(0, 1): gamma = 1 / std(act(x)) (not 1 / rms: relu's is 1.714, not
+# 1.414). The constants are DeepMind's table (nfnets/base.py ``nonlinearities``), every entry and literal as released;
+# they are Monte-Carlo estimates, within 1.2e-3 of the exact integrals (tests). timm copies the same literals minus
+# glu and spells soft_sign "softsign".
 GAMMA = {
-    "relu": 1.7139588594436646,
-    "gelu": 1.7015043497085571,
-    "silu": 1.7881293296813965,
+    "identity": 1.0,
+    "celu": 1.270926833152771,
     "elu": 1.2716004848480225,
+    "gelu": 1.7015043497085571,
+    "glu": 1.8484294414520264,
     "leaky_relu": 1.70590341091156,
+    "log_sigmoid": 1.9193484783172607,
+    "log_softmax": 1.0002083778381348,
+    "relu": 1.7139588594436646,
     "relu6": 1.7131484746932983,
     "selu": 1.0008515119552612,
-    "tanh": 1.5939117670059204,
     "sigmoid": 4.803835391998291,
+    "silu": 1.7881293296813965,
+    "soft_sign": 2.338853120803833,
     "softplus": 1.9203323125839233,
-    "identity": 1.0,
+    "tanh": 1.5939117670059204,
 }
+# Names that share another activation's gamma: timm's erf GELU (differs from the tanh form by < 1e-3) and timm's
+# spelling of soft_sign.
+_GAMMA_ALIASES = {"gelu_exact": "gelu", "softsign": "soft_sign"}
 
 _BASE_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": jax.nn.relu,
+    "identity": lambda x: x,
+    "celu": jax.nn.celu,
+    "elu": jax.nn.elu,
     # DeepMind uses jax.nn.gelu's default tanh approximation; "gelu_exact" is timm's erf form.
     "gelu": jax.nn.gelu,
     "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
-    "silu": jax.nn.silu,
-    "elu": jax.nn.elu,
+    # Gates one half of the last axis with the other: [..., 2C] -> [..., C] (DeepMind's gamma assumes this).
+    "glu": jax.nn.glu,
     "leaky_relu": jax.nn.leaky_relu,
+    "log_sigmoid": jax.nn.log_sigmoid,
+    # Normalizes over the last (channel) axis.
+    "log_softmax": jax.nn.log_softmax,
+    "relu": jax.nn.relu,
     "relu6": jax.nn.relu6,
     "selu": jax.nn.selu,
-    "tanh": jnp.tanh,
     "sigmoid": jax.nn.sigmoid,
+    "silu": jax.nn.silu,
+    "soft_sign": jax.nn.soft_sign,
+    "softsign": jax.nn.soft_sign,
     "softplus": jax.nn.softplus,
-    "identity": lambda x: x,
+    "tanh": jnp.tanh,
 }
+# Activations that change the channel count; the NF models' widths need a shape-preserving one.
+_SHAPE_CHANGING = frozenset({"glu"})
 
 
 def activation_gamma(name: str) -> float:
-    """The gamma of activation ``name``; ``gelu_exact`` shares GELU's (the two forms differ by < 1e-3)."""
+    """The gamma of activation ``name`` (aliases: ``gelu_exact`` -> gelu's, ``softsign`` -> soft_sign's)."""
     if name not in _BASE_ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; valid: {sorted(_BASE_ACTIVATIONS)}")
-    return GAMMA["gelu" if name == "gelu_exact" else name]
+    return GAMMA[_GAMMA_ALIASES.get(name, name)]
 
 
 def activation_fn(name: str, scaled: bool = True) -> Callable[[jax.Array], jax.Array]:
@@ -65,6 +85,17 @@ def activation_fn(name: str, scaled: bool = True) -> Callable[[jax.Array], jax.A
     if not scaled:
         return base
     return lambda x: base(x) * jnp.asarray(gamma, x.dtype)
+
+
+def block_activation(name: str, scaled: bool = True) -> Callable[[jax.Array], jax.Array]:
+    """:func:`activation_fn` for the NF models, which need an activation that keeps the channel count."""
+    if name in _SHAPE_CHANGING:
+        valid = sorted(set(_BASE_ACTIVATIONS) - _SHAPE_CHANGING)
+        raise ValueError(
+            f"activation {name!r} halves the channel axis, which the NF models' fixed widths cannot take; "
+            f"valid: {valid}"
+        )
+    return activation_fn(name, scaled)
 
 
 def make_divisible(value: float, divisor: int, round_limit: float = 0.0) -> int:
@@ -272,8 +303,18 @@ class Conv(nnx.Module):
         return y if self.bias is None else y + self.bias[...].astype(dtype)
 
 
+def torch_linear_init(fan_in: int) -> Callable:
+    """torch.nn.Linear's default init for its weight and its bias alike: uniform on [-1/sqrt(fan_in), 1/sqrt(fan_in)]
+    (the weight's kaiming_uniform with a=sqrt(5) reduces to this bound)."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 class Linear(nnx.Module):
-    """Dense layer with an (in, out) ``kernel`` and a ``bias``; float32 params, compute in ``dtype``."""
+    """Dense layer with an (in, out) ``kernel`` and an [out] ``bias``; float32 params, compute in ``dtype``.
+
+    Default init: kernel truncated normal with stddev 1/sqrt(in_features) (Haiku's hk.Linear), bias 0.
+    """
 
     def __init__(
         self,
@@ -281,14 +322,19 @@ class Linear(nnx.Module):
         out_features: int,
         kernel_init: Callable | None = None,
         dtype: jnp.dtype | None = None,
+        bias_init: Callable | None = None,
         *,
         rngs: nnx.Rngs,
     ):
-        # Default: truncated normal with stddev 1/sqrt(fan_in), Haiku's hk.Linear default.
         stddev = 1.0 / math.sqrt(in_features)
         init = kernel_init or jax.nn.initializers.truncated_normal(stddev)
         self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
+        # No key drawn for the zero bias: the other layers' draws stay those of earlier versions.
+        if bias_init is None:
+            bias = jnp.zeros((out_features,), jnp.float32)
+        else:
+            bias = bias_init(rngs.params(), (out_features,), jnp.float32)
+        self.bias = nnx.Param(bias)
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -62,7 +62,7 @@ class NFResBlock(nnx.Module):
             raise ValueError(f"shortcut must be 'conv' (DeepMind) or 'avgpool' (timm), got {shortcut!r}")
         self.beta, self.alpha, self.kind = beta, alpha, kind
         self.stochdepth_rate = stochdepth_rate
-        self.act = L.activation_fn(activation, scaled=not gamma_in_conv)
+        self.act = L.block_activation(activation, scaled=not gamma_in_conv)
         last_gain = 1.0 if skipinit else 0.0
         if kind == "bottleneck":
             width = int(out_ch * bottleneck_ratio)
@@ -142,7 +142,7 @@ class NFResNet(nnx.Module):
         gamma = L.activation_gamma(activation) if gamma_in_conv else 1.0
         pad = L.conv_padding(padding)
         conv = partial(L.WSConv, eps=ws_eps, eps_mode=ws_eps_mode, padding=pad, gamma=gamma, dtype=dtype)
-        self.act = L.activation_fn(activation, scaled=not gamma_in_conv)
+        self.act = L.block_activation(activation, scaled=not gamma_in_conv)
         self.pool_padding = "SAME" if pad == "SAME" else ((1, 1), (1, 1))
         self.dtype, self.drop_rate, self.stem_kind = dtype, drop_rate, stem
         if stem == "imagenet":

@@ -65,7 +65,7 @@ class NFBlock(nnx.Module):
         width = group_size * groups if width >= group_size else width
         self.stride, self.beta, self.alpha = stride, beta, alpha
         self.stochdepth_rate = stochdepth_rate
-        self.act = L.activation_fn(activation, scaled=not gamma_in_conv)
+        self.act = L.block_activation(activation, scaled=not gamma_in_conv)
         self.conv0 = conv(in_ch, width, 1, rngs=rngs)
         self.conv1 = conv(width, width, 3, strides=stride, groups=groups, rngs=rngs)
         self.conv1b = conv(width, width, 3, groups=groups, rngs=rngs) if use_two_convs else None
@@ -146,7 +146,7 @@ class NFNet(nnx.Module):
             grouped_impl=grouped_impl,
             dtype=dtype,
         )
-        self.act = L.activation_fn(activation, scaled=not gamma_in_conv)
+        self.act = L.block_activation(activation, scaled=not gamma_in_conv)
         self.dtype = dtype
         self.drop_rate = drop_rate
         stem_out = widths[0] // 2

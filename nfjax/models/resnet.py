@@ -7,7 +7,6 @@ by 1/keep), as used by the "ResNet strikes back" recipes.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from functools import partial
 
@@ -135,9 +134,9 @@ class ResNet(nnx.Module):
         ]
         ch = widths[-1]
         self.blocks = nnx.List(blocks)
-        bound = 1.0 / math.sqrt(ch)  # torch.nn.Linear's default weight init
-        fc_init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
-        self.classifier = L.Linear(ch, num_classes, kernel_init=fc_init, dtype=dtype, rngs=rngs)
+        # torch.nn.Linear's default init, kernel and bias: torchvision's and timm's ResNets keep it for fc.
+        fc_init = L.torch_linear_init(ch)
+        self.classifier = L.Linear(ch, num_classes, kernel_init=fc_init, bias_init=fc_init, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, *, train: bool = False, key=None, return_stats: bool = False):
         if self.dtype is not None:
