@@ -172,8 +172,9 @@ def apply_override(cfg: ml_collections.ConfigDict, dotted: str, raw: str) -> Non
     for part in filter(None, parent_path.split(".")):
         node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-        if isinstance(node, ml_collections.ConfigDict) and not node.is_locked and dotted.startswith("model.kwargs."):
-            node[leaf] = _literal(raw)
+        if isinstance(node, ml_collections.ConfigDict) and dotted.startswith("model.kwargs."):
+            with node.unlocked():  # shipped configs lock their fields; kwargs are checked when the model is built
+                node[leaf] = _literal(raw)
             return
         hint = did_you_mean(dotted, flat_keys(cfg), prefix="--config.")
         raise ConfigError(f"unknown config key --config.{dotted}.{hint} Run with --print-config to see every key.")

@@ -76,3 +76,12 @@ def test_every_shipped_config_loads_and_its_optimizer_validates(path):
     assert f"python -m nfjax.train --config configs/{path.name}" in path.read_text()  # the docstring's command
     opt = optim.build_optimizer(cfg.optim, steps_per_epoch=10, total_steps=10_000, global_batch=256)
     assert opt.config.name == cfg.optim.name and opt.total_steps == 10_000
+
+
+def test_new_model_kwargs_are_accepted_on_a_locked_config_and_nothing_else_is():
+    cfg = load_config_file(f"{ROOT}/configs/nfnet_f0.py")
+    assert cfg.is_locked and "depths" not in cfg.model.kwargs
+    apply_override(cfg, "model.kwargs.depths", "(1,1,1,1)")
+    assert tuple(cfg.model.kwargs.depths) == (1, 1, 1, 1) and cfg.is_locked
+    with pytest.raises(ConfigError, match="unknown config key --config.train.new_key"):
+        apply_override(cfg, "train.new_key", "1")

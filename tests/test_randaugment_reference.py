@@ -154,7 +154,9 @@ def test_variants_run_in_the_training_transform():
     outputs = {}
     for variant in ra.VARIANTS:
         cfg.randaugment_variant = variant
-        transform = tfdata_backend.make_train_transform(cfg, 3, 24, data_config.IMAGENET_MEAN, data_config.IMAGENET_STD)
+        transform = tfdata_backend.make_train_stages(
+            cfg, 3, 24, data_config.IMAGENET_MEAN, data_config.IMAGENET_STD, 10, 0
+        ).per_image
         dataset = tf.data.Dataset.from_tensors((image, 0)).map(
             lambda x, y, t=transform: t(x, y, tf.constant([3, 4], tf.int64))
         )
@@ -162,6 +164,6 @@ def test_variants_run_in_the_training_transform():
         assert outputs[variant].shape == (24, 24, 3) and np.isfinite(outputs[variant]).all()
     cfg.randaugment_variant = "deepmind_v2"
     with pytest.raises(ValueError, match="deepmind_fixed"):
-        tfdata_backend.make_train_transform(cfg, 3, 24, data_config.IMAGENET_MEAN, data_config.IMAGENET_STD)(
-            image, 0, tf.constant([3, 4], tf.int64)
-        )
+        tfdata_backend.make_train_stages(
+            cfg, 3, 24, data_config.IMAGENET_MEAN, data_config.IMAGENET_STD, 10, 0
+        ).per_image(image, 0, tf.constant([3, 4], tf.int64))
