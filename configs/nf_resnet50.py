@@ -2,6 +2,7 @@
 
     python -m nfjax.train --config configs/nf_resnet50.py --workdir runs/nf_resnet50
 
+Recipe sources (DeepMind's generic ImageNet experiment, the NF-ResNet code): docs/recipes.md.
 Expected: about 76-77% ImageNet top-1 (the NF-ResNet paper's 90-epoch regime; not yet reproduced by us).
 Arguments: dataset, data_dir, batch (0: 1024), epochs (0: 90).
 """

@@ -1,8 +1,8 @@
-"""NFNet-F6 on ImageNet, DeepMind's recipe (batch 4096, 360 epochs, SGD-Nesterov + AGC 0.01, EMA).
+"""NFNet-F6 on ImageNet, DeepMind's recipe (batch 4096, 360 epochs, SGD-Nesterov + AGC 0.01, EMA, SAM rho 0.05).
 
     python -m nfjax.train --config configs/nfnet_f6.py --workdir runs/nfnet_f6
 
-Expected: ImageNet top-1 86.5 (with SAM) (paper, EMA weights at test resolution). Needs TFDS imagenet2012 prepared in
+Expected: ImageNet top-1 86.5 (trained with SAM, as here) (paper, EMA weights at test resolution). Needs TFDS imagenet2012 prepared in
 data_dir (see docs/data.md); another dataset: --config configs/nfnet_f6.py:dataset=cifar10,data_dir=DIR.
 Arguments: dataset, data_dir, batch (0: 4096), epochs (0: 360).
 """

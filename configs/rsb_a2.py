@@ -1,4 +1,5 @@
-"""ResNet strikes back A2: BN ResNet-50, LAMB, BCE loss, 300 epochs at batch 2048 (Wightman et al. 2021).
+"""ResNet strikes back A2: BN ResNet-50, LAMB, BCE loss, 300 epochs at batch 2048 (Wightman et al. 2021);
+timm's LAMB (global-norm clip 1.0), per-epoch cosine from 1e-5 warmup; docs/recipes.md cites each value.
 
     python -m nfjax.train --config configs/rsb_a2.py --workdir runs/rsb_a2
 

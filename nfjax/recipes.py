@@ -33,13 +33,20 @@ def nfnet_imagenet_config(variant: str, arg: str | None) -> ml_collections.Confi
     name = f"nfnet_{variant.lower()}"
     meta = model_metadata(name)
     cfg = base_config(name, dict(stochdepth_rate=0.25))
-    cfg.train.update(global_batch=4096, epochs=360.0, eval_every_epochs=10.0, checkpoint_every_steps=2000)
+    cfg.train.update(
+        global_batch=4096,
+        epochs=360.0,
+        step_counting="examples",  # (N x epochs) // batch steps, warmup in the same units
+        eval_every_epochs=10.0,
+        checkpoint_every_steps=2000,
+    )
     cfg.optim.update(
         name="sgd",
         base_lr=0.1,
         momentum=0.9,
         nesterov=True,
         weight_decay=2e-5,
+        decay_mode="coupled",  # DeepMind's SGD adds wd x param to the gradient before momentum
         clipping="agc",
         agc_lambda=0.01,
         agc_eps=1e-3,
@@ -59,22 +66,28 @@ def nfnet_imagenet_config(variant: str, arg: str | None) -> ml_collections.Confi
         mixup_alpha=0.2,
         cutmix_alpha=1.0,
         mix_mode="deepmind",
+        augment_before_mix=False,  # RandAugment runs on the mixed images
         label_smoothing=0.1,
     )
+    if variant.upper() == "F6":  # F6 is the one variant DeepMind reports trained with SAM
+        cfg.optim.update(sam_rho=0.05, sam_fraction=0.2)
     _apply_dataset_args(cfg, args)
     return finalize(cfg)
 
 
 def nf_resnet50_imagenet_config(arg: str | None) -> ml_collections.ConfigDict:
-    """NF-ResNet-50, 90 epochs of SGD-Nesterov + AGC at batch 1024 (label smoothing 0.1, cosine)."""
+    """NF-ResNet-50 (Brock et al. 2021a): DeepMind's generic ImageNet experiment (90 epochs, batch 1024, SGD-Nesterov,
+    lr 0.1 x batch/256, wd 5e-5, label smoothing 0.1, 5 warmup epochs + cosine) plus AGC as in the NFNet recipe;
+    docs/recipes.md gives the source of every value."""
     args = parse_arg(arg, **IMAGENET_ARGS)
     cfg = base_config("nf_resnet50", dict(stochdepth_rate=0.1, drop_rate=0.25))
-    cfg.train.update(global_batch=1024, epochs=90.0, checkpoint_every_steps=2000)
+    cfg.train.update(global_batch=1024, epochs=90.0, step_counting="examples", checkpoint_every_steps=2000)
     cfg.optim.update(
         name="sgd",
         base_lr=0.1,
         nesterov=True,
         weight_decay=5e-5,
+        decay_mode="coupled",
         clipping="agc",
         agc_lambda=0.01,
         schedule="warmup_cosine",
@@ -89,7 +102,8 @@ def nf_resnet50_imagenet_config(arg: str | None) -> ml_collections.ConfigDict:
 
 
 def resnet50_bn_imagenet_config(arg: str | None) -> ml_collections.ConfigDict:
-    """The classic BN ResNet-50 baseline: 90 epochs SGD momentum 0.9, lr 0.1 x batch/256, wd 1e-4, steps."""
+    """torchvision's classic ResNet-50 recipe: 90 epochs of SGD momentum 0.9 at batch 256 (32 x 8 GPUs), lr 0.1
+    x batch/256 divided by 10 every 30 epochs, wd 1e-4 on every parameter, torchvision crops (bilinear)."""
     args = parse_arg(arg, **IMAGENET_ARGS)
     cfg = base_config("resnet50", dict(zero_init_last=False))
     cfg.train.update(global_batch=256, epochs=90.0, checkpoint_every_steps=5000)
@@ -98,14 +112,25 @@ def resnet50_bn_imagenet_config(arg: str | None) -> ml_collections.ConfigDict:
         base_lr=0.1,
         nesterov=False,
         weight_decay=1e-4,
+        decay_mode="coupled",
+        decay_exclude=(),  # torch.optim.SGD's weight_decay reaches every parameter: BN scales, biases too
+        decay_min_ndim=0,
         clipping="none",
         schedule="step",
         warmup_epochs=0.0,
-        step_boundaries_epochs=(30.0, 60.0, 80.0),
+        step_boundaries_epochs=(30.0, 60.0),  # StepLR(step_size=30, gamma=0.1) over 90 epochs
         step_decay_factor=0.1,
         ema_decay=0.0,
     )
-    cfg.data.update(image_size=224, eval_image_size=224, eval_preprocess="crop_pct", crop_pct=0.875)
+    cfg.data.update(
+        image_size=224,
+        eval_image_size=224,
+        rrc_mode="torchvision",
+        train_interpolation="bilinear",
+        eval_preprocess="crop_pct",  # resize 256, center crop 224
+        crop_pct=0.875,
+        eval_interpolation="bilinear",
+    )
     _apply_dataset_args(cfg, args)
     return finalize(cfg)
 
@@ -128,7 +153,7 @@ RSB_RECIPES = {
         lr=5e-3,
         wd=0.02,
         smoothing=0.0,
-        bce_thresh=None,
+        bce_thresh=0.2,
         mixup=0.1,
         ra_m=7.0,
         repeat=3,
@@ -140,7 +165,7 @@ RSB_RECIPES = {
         lr=8e-3,
         wd=0.02,
         smoothing=0.0,
-        bce_thresh=None,
+        bce_thresh=0.2,
         mixup=0.1,
         ra_m=6.0,
         repeat=1,
@@ -164,16 +189,24 @@ def rsb_config(which: str, arg: str | None) -> ml_collections.ConfigDict:
         weight_decay=r["wd"],
         decay_mode="decoupled",
         eps=1e-6,
-        clipping="none",
-        schedule="warmup_cosine",
+        clipping="global_norm",  # timm's Lamb clips the global gradient norm to 1.0 inside the optimizer
+        max_grad_norm=1.0,
+        schedule="timm_cosine",
+        schedule_unit="epoch",  # timm steps its scheduler once per epoch
         warmup_epochs=5.0,
+        warmup_start_lr=1e-5,  # timm's --warmup-lr
+        end_lr_factor=0.0,
+        cooldown_epochs=0.0,
         ema_decay=0.0,
     )
     cfg.data.update(
         image_size=r["train_px"],
         eval_image_size=224,
+        rrc_mode="torchvision",  # timm's RandomResizedCropAndInterpolation samples like torchvision
+        train_interpolation="random",  # timm's --train-interpolation default: bilinear or bicubic per image
         eval_preprocess="crop_pct",
         crop_pct=0.95,
+        eval_interpolation="bicubic",
         randaugment_layers=2,
         randaugment_variant="timm",
         randaugment_magnitude=r["ra_m"],
