@@ -2,8 +2,9 @@
 
     python -m nfjax.train --config configs/nfnet_f6.py --workdir runs/nfnet_f6
 
-Expected: ImageNet top-1 86.5 (trained with SAM, as here) (paper, EMA weights at test resolution). Needs TFDS imagenet2012 prepared in
-data_dir (see docs/data.md); another dataset: --config configs/nfnet_f6.py:dataset=cifar10,data_dir=DIR.
+Expected: ImageNet top-1 86.5 (paper, trained with SAM as here; EMA weights at test resolution). Needs TFDS
+imagenet2012 prepared in data_dir (see docs/data.md); another dataset:
+--config configs/nfnet_f6.py:dataset=cifar10,data_dir=DIR.
 Arguments: dataset, data_dir, batch (0: 4096), epochs (0: 360).
 """
 

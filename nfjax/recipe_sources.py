@@ -65,6 +65,7 @@ LABELS = {
     "model.kwargs.final_conv_mult": "final conv width multiplier",
     "model.kwargs.use_two_convs": "two 3x3 convs per block",
     "model.kwargs.zero_init_last": "last BN scale of each block starts at 0",
+    "model.kwargs.bn_ghost_size": "examples per BatchNorm statistics group (0: the whole batch)",
     "train.global_batch": "global batch",
     "train.epochs": "epochs",
     "train.step_counting": "step counting",
@@ -357,6 +358,12 @@ RESNET50_BN = [
     ref("model.kwargs.zero_init_last", False, "tv/models/resnet.py", "zero_init_residual=False"),
     ref("model.kwargs.stochdepth_rate", 0.0, "tv/models/resnet.py", "none"),
     ref("model.kwargs.drop_rate", 0.0, "tv/models/resnet.py", "none"),
+    ref(
+        "model.kwargs.bn_ghost_size",
+        32,
+        "tv/README.md:7; tv/train.py --sync-bn",
+        "8 GPUs x 32 images without --sync-bn: each BN layer's statistics are those of 32 images",
+    ),
     ref("train.global_batch", 256, f"{TV} --batch-size 32 per GPU; tv/README.md:7", "8 GPUs x 32"),
     ref("train.epochs", 90.0, f"{TV} --epochs"),
     ref("train.step_counting", "epochs", f"{TV}", "one pass of the data loader per epoch"),
@@ -394,9 +401,9 @@ RESNET50_BN = [
     ref("data.repeated_aug", 1, TV, "no repeated-augmentation sampler"),
 ]
 RESNET50_BN_DIFFERENCES = [
-    "BatchNorm statistics: torchvision trains on 8 GPUs without --sync-bn, so each BN layer sees 32 images; "
-    "nfjax's BN sees the global batch of 256. --config.model.kwargs.bn_ghost_size=32 reproduces per-GPU "
-    "statistics.",
+    "BatchNorm statistics: the config's bn_ghost_size=32 gives each group of 32 consecutive examples its own "
+    "statistics, as torchvision's 8 GPUs without --sync-bn do; the running averages nfjax keeps for evaluation "
+    "are the mean over the groups (torchvision evaluates with GPU 0's).",
     "torchvision's train loader keeps the last partial batch of each epoch; nfjax takes floor(N / 256) whole "
     "batches per epoch (5,004 instead of 5,005 steps on ImageNet).",
     "The expected 76.13% top-1 belongs to torchvision's original ResNet50_Weights.IMAGENET1K_V1, trained with an "

@@ -105,7 +105,8 @@ def resnet50_bn_imagenet_config(arg: str | None) -> ml_collections.ConfigDict:
     """torchvision's classic ResNet-50 recipe: 90 epochs of SGD momentum 0.9 at batch 256 (32 x 8 GPUs), lr 0.1
     x batch/256 divided by 10 every 30 epochs, wd 1e-4 on every parameter, torchvision crops (bilinear)."""
     args = parse_arg(arg, **IMAGENET_ARGS)
-    cfg = base_config("resnet50", dict(zero_init_last=False))
+    # 8 GPUs x 32 without SyncBN: BN statistics over groups of 32 examples (below)
+    cfg = base_config("resnet50", dict(zero_init_last=False, bn_ghost_size=32))
     cfg.train.update(global_batch=256, epochs=90.0, checkpoint_every_steps=5000)
     cfg.optim.update(
         name="sgd",
@@ -132,6 +133,8 @@ def resnet50_bn_imagenet_config(arg: str | None) -> ml_collections.ConfigDict:
         eval_interpolation="bilinear",
     )
     _apply_dataset_args(cfg, args)
+    if cfg.train.global_batch % 32:  # another batch (:batch=N) not split into 32s: statistics of the whole batch
+        cfg.model.kwargs.bn_ghost_size = 0
     return finalize(cfg)
 
 

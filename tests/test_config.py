@@ -85,3 +85,9 @@ def test_new_model_kwargs_are_accepted_on_a_locked_config_and_nothing_else_is():
     assert tuple(cfg.model.kwargs.depths) == (1, 1, 1, 1) and cfg.is_locked
     with pytest.raises(ConfigError, match="unknown config key --config.train.new_key"):
         apply_override(cfg, "train.new_key", "1")
+
+
+def test_the_torchvision_recipe_keeps_per_gpu_bn_statistics_only_for_batches_of_32s():
+    assert load_config_file(f"{ROOT}/configs/resnet50_bn.py").model.kwargs.bn_ghost_size == 32
+    assert load_config_file(f"{ROOT}/configs/resnet50_bn.py:batch=512").model.kwargs.bn_ghost_size == 32
+    assert load_config_file(f"{ROOT}/configs/resnet50_bn.py:batch=100").model.kwargs.bn_ghost_size == 0

@@ -10,6 +10,7 @@ since their branch is the in-memory TFDS one at the native 28 px. A new file in 
 one that takes other arguments or builds a model family without tiny sizes here fails loudly.
 """
 
+import inspect
 import json
 import math
 
@@ -23,9 +24,11 @@ from nfjax.models import MODELS, model_metadata
 
 from helpers import ROOT, checkpoint_steps
 
-CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.py"))
+# finetune.py last: its source run is nfnet_f0.py's first invocation, whose compiled programs are then cached
+CONFIGS = sorted((p.name for p in (ROOT / "configs").glob("*.py")), key=lambda name: (name == "finetune.py", name))
 CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 4, 6, 2  # 24 training images: one batch of BATCH per epoch
-IMAGE = 32  # train and eval side of the image-folder runs: 1x1 after the ImageNet models' stride 32
+IMAGE = 32  # train and eval side of the image-folder runs
+STAGES = 2  # stages of every tiny model, one block each: half the compile time of four
 BATCH = 16  # two examples on each of the 8 simulated devices
 WIDTH = 32  # widest stage of every tiny model (the first is half of it)
 
@@ -99,8 +102,12 @@ def shrink(spec):
     cfg = load_config_file(spec)
     family = model_metadata(cfg.model.name)["family"]
     assert family in FAMILY_KWARGS, f"{spec}: no tiny sizes for model family {family!r}; add them to FAMILY_KWARGS"
-    stages = len(cfg.model.kwargs.get("depths", MODELS[cfg.model.name][1]["depths"]))
-    kwargs = dict(depths=(1,) * stages, widths=(WIDTH // 2,) + (WIDTH,) * (stages - 1)) | FAMILY_KWARGS[family]
+    strides = cfg.model.kwargs.get("strides", MODELS[cfg.model.name][1].get("strides"))
+    if strides is None:
+        strides = inspect.signature(MODELS[cfg.model.name][0].__init__).parameters["strides"].default
+    widths = (WIDTH // 2,) + (WIDTH,) * (STAGES - 1)
+    kwargs = dict(depths=(1,) * STAGES, widths=widths, strides=tuple(strides)[:STAGES])
+    kwargs |= FAMILY_KWARGS[family]
     out = [f"--config.model.kwargs.{k}={v!r}".replace(" ", "") for k, v in kwargs.items()]
     if cfg.data.dataset == "fashion_mnist":  # native 28 px; a slice of each split
         return out + ["--config.data.train_split=train[:256]", "--config.data.eval_split=test[:64]"]
