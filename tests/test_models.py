@@ -160,11 +160,13 @@ def test_nfnet_block_structure_follows_reference():
 def test_stochastic_depth_and_dropout_need_a_key_only_in_training():
     model = _tiny_nfnet(stochdepth_rate=0.5)
     x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
-    chex.assert_trees_all_equal(model(x), model(x))
+    evaluate = nnx.jit(lambda m, x: m(x))
+    chex.assert_trees_all_equal(evaluate(model, x), evaluate(model, x))
     with pytest.raises(ValueError, match="PRNG key"):
         model(x, train=True)
-    a = model(x, train=True, key=jax.random.key(1))
-    b = model(x, train=True, key=jax.random.key(2))
+    train = nnx.jit(lambda m, x, key: m(x, train=True, key=key))
+    a = train(model, x, jax.random.key(1))
+    b = train(model, x, jax.random.key(2))
     assert not np.allclose(a, b)
 
 
@@ -173,10 +175,11 @@ def test_bf16_forward_matches_float32():
     for block in model.blocks:  # open the residual branches so the test exercises them
         block.skip_gain[...] = jnp.ones(())
     x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
-    f32 = model(x)
+    forward = nnx.jit(lambda m, x: m(x))
+    f32 = forward(model, x)
     model_bf16 = _tiny_nfnet(dtype=jnp.bfloat16)
     nnx.update(model_bf16, nnx.state(model, nnx.Param))
-    bf16 = model_bf16(x)
+    bf16 = forward(model_bf16, x)
     assert bf16.dtype == jnp.float32  # logits always float32
     # bf16 keeps 8 mantissa bits (relative rounding 2^-9 per op); through ~40 ops the logits agree to within
     # 5% in relative L2 norm (measured about 2-3% here), and the predicted classes agree.
@@ -243,7 +246,7 @@ def test_nf_models_train_one_step_and_gradients_reach_every_parameter():
         logits = nnx.merge(graphdef, params)(x, train=True, key=jax.random.key(0))
         return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels])
 
-    grads = jax.grad(loss)(params)
+    grads = jax.jit(jax.grad(loss))(params)  # one compile; op by op it takes several times longer
     # with SkipInit at 0 only skip_gain, the shortcut path, stem and head get gradients at init
     flat = {jax.tree_util.keystr(p): g for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
     assert all(np.isfinite(g).all() for g in flat.values())
