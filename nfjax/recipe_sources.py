@@ -498,7 +498,11 @@ def rsb_refs(which: str) -> list[Ref]:
             "data.bce_target_thresh",
             0.2,
             f"{rsb}; {T5} timm/loss/binary_cross_entropy.py:40-42",
-            "A1 per Table 1" if which == "a1" else f"A2 / A3: {UNVERIFIED}",
+            "A1 per Table 1"
+            if which == "a1"
+            else "the reference notes' Table 1 gives none for A2 / A3; third-party repositories training with the "
+            "A2 arguments (--bce-loss --bce-target-thresh 0.2 beside LAMB, wd .02, --mixup .1, --aug-repeats 3, "
+            f"--smoothing 0) use 0.2; the paper itself: {UNVERIFIED}",
         ),
         ref("data.repeated_aug", repeats, f"{rsb}; {T5} timm/data/loader.py:210-211"),
     ]
@@ -509,8 +513,9 @@ RSB_DIFFERENCES = [
     f"itself could not be read offline ({UNVERIFIED}).",
     "Scheduler defaults changed between timm versions: the RSB-era train.py (@ 004fb5f) defaults to --warmup-lr "
     "1e-4, --min-lr 1e-6 and --cooldown-epochs 10 (10 epochs at min-lr after the cosine); timm 1.0 defaults to "
-    "1e-5, 0 and 0. nfjax follows timm 1.0; which values the RSB runs used is "
-    f"{UNVERIFIED}.",
+    "1e-5, 0 and 0. nfjax follows timm 1.0 (timm's current defaults); which values "
+    f"the RSB runs used is {UNVERIFIED}. Third-party repositories that train with the A2 arguments pass "
+    "--warmup-lr 1e-4; to match them: --config.optim.warmup_start_lr=1e-4 (lr per 256 is scaled, this one is not).",
     "BatchNorm statistics: timm trains with per-GPU BN (no --sync-bn in the recipe as far as known); nfjax's BN "
     "sees the global batch. --config.model.kwargs.bn_ghost_size=N reproduces per-GPU statistics of N images (the "
     f"RSB per-GPU batch is {UNVERIFIED}).",
