@@ -26,14 +26,15 @@ TSV = os.path.join(os.path.dirname(__file__), "data", "deepmind_f0_params.tsv") 
 SMALL_NFNET = dict(widths=(32, 64, 128, 128), depths=(1, 1, 1, 1), group_size=16, stem_widths=(4, 8, 8))
 
 
-def _params(name: str, num_classes: int = 5, seed: int = 1, **kwargs) -> dict:
-    model = create_model(name, num_classes, rngs=nnx.Rngs(seed), **kwargs)
-    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-
-
 def _abstract(name: str, num_classes: int = 1000, **kwargs) -> dict:
     model = nnx.eval_shape(lambda: create_model(name, num_classes, rngs=nnx.Rngs(0), **kwargs))
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _params(name: str, num_classes: int = 5, seed: int = 1, **kwargs) -> dict:
+    """The model's parameter tree, every tensor drawn in NumPy (distinct values; no eager NNX init to wait for)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: rng.normal(0, 0.1, x.shape).astype(x.dtype), _abstract(name, num_classes, **kwargs))
 
 
 def _tree_equal(a, b) -> bool:
@@ -230,6 +231,6 @@ def test_create_model_pretrained(small_folder):
     model = create_model("nfnet_f0", pretrained=out, drop_rate=0.0)
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     assert _tree_equal(params, pt.load_weights(out).weights["params"] | {})
-    assert model(np.zeros((1, 64, 64, 3), np.float32)).shape == (1, 5)
+    assert nnx.jit(lambda m, x: m(x))(model, np.zeros((1, 64, 64, 3), np.float32)).shape == (1, 5)
     with pytest.raises(ValueError, match="holds nfnet_f0, not nf_resnet50"):
         create_model("nf_resnet50", pretrained=out)
