@@ -339,9 +339,9 @@ def test_a_dead_or_hung_process_stops_the_other_in_bounded_time_and_both_resume(
     workdir = tmp_path / "run"
     run = (
         f"--config.train.stall_timeout_s={STALL_S}",
-        "--config.train.total_steps=24",
+        "--config.train.total_steps=12",
         "--config.train.checkpoint_every_steps=4",
-        "--config.train.eval_every_steps=24",
+        "--config.train.eval_every_steps=12",
     )
     launch = lambda: launch_two_processes(fmnist_dir, workdir, compile_cache, tmp_path, *run)
     procs = launch()
@@ -372,7 +372,7 @@ def test_a_dead_or_hung_process_stops_the_other_in_bounded_time_and_both_resume(
     procs = launch()
     outputs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n\n".join(o[-3000:] for o in outputs)
-    assert [r["step"] for r in train_rows(workdir)] == list(range(1, 25))
+    assert [r["step"] for r in train_rows(workdir)] == list(range(1, 13))
 
 
 @pytest.mark.parametrize("backend", ["numpy", "tfdata"])
