@@ -107,9 +107,9 @@ def test_eval_tfdata_two_hosts_same_steps(fmnist_dir):
     assert len(per_host[0]) == len(per_host[1]) == 7  # ceil(5000 / 768)
     labels = np.concatenate([b["label"][b["mask"] == 1] for host in per_host for b in host])
     np.testing.assert_array_equal(np.bincount(labels), [1000] * 10)
-    numpy_batches = list(data.build_eval_iterator(_cfg(fmnist_dir), global_batch=1536, device_count=8, process_count=1))
-    tf_batches = list(data.build_eval_iterator(cfg, global_batch=1536, device_count=8, process_count=1))
-    np.testing.assert_allclose(tf_batches[0]["image"], numpy_batches[0]["image"], atol=1e-5)
+    # The same preprocessing in both backends: their first batches agree (the rest need not be decoded again).
+    first = lambda c: next(data.build_eval_iterator(c, global_batch=1536, device_count=8, process_count=1))
+    np.testing.assert_allclose(first(cfg)["image"], first(_cfg(fmnist_dir))["image"], atol=1e-5)
 
 
 def test_global_batch_divisibility_errors(fmnist_dir):
