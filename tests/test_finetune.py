@@ -253,6 +253,10 @@ def folder(tmp_path_factory):
     return root
 
 
+# The fine-tuning run's settings; its resumption repeats them (the same step program: compiled once).
+CLI_RUN = ("--config.train.log_every_steps=1", "--config.train.eval_every_steps=1000", "--config.optim.base_lr=4.0")
+
+
 def cli_args(source, folder, workdir, *extra):
     arg = f"init_from={source},dataset=image_folder,data_dir={folder},batch=16,epochs=2,augment=none"
     return ["--config", f"{ROOT}/configs/finetune.py:{arg}", "--workdir", str(workdir), *extra]
@@ -263,9 +267,7 @@ def finetuned(folder, tmp_path_factory):
     """8 steps of configs/finetune.py from a 4-class source onto the 10-class folder (a new classifier)."""
     source, workdir = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("finetuned")
     make_source(source, classes=4, channels=3, size=28, data__eval_preprocess="none", fresh=True)
-    extra = ("--config.train.max_steps=8", "--config.train.log_every_steps=1", "--config.train.eval_every_steps=1000")
-    extra += ("--config.optim.base_lr=4.0",)
-    assert train.main(cli_args(source, folder, workdir, *extra)) == 0
+    assert train.main(cli_args(source, folder, workdir, "--config.train.max_steps=8", *CLI_RUN)) == 0
     return source, workdir
 
 
@@ -279,8 +281,7 @@ def test_cli_fine_tuning_onto_a_new_head_learns(finetuned):
 def test_resume_ignores_init_from(finetuned, folder, tmp_path, capsys):
     source, workdir = finetuned
     shutil.copytree(workdir, tmp_path / "run")
-    extra = ("--config.train.max_steps=2", "--config.train.log_every_steps=1", "--config.train.eval_every_steps=1000")
-    extra += (f"--config.model.init_from={tmp_path / 'gone'}",)
+    extra = ("--config.train.max_steps=2", *CLI_RUN, f"--config.model.init_from={tmp_path / 'gone'}")
     assert train.main(cli_args(source, folder, tmp_path / "run", *extra)) == 0
     assert "model.init_from is ignored: resuming the run's own checkpoint" in capsys.readouterr().err
     assert [r["step"] for r in train_rows(tmp_path / "run")] == list(range(1, 11))
