@@ -1,4 +1,5 @@
-"""Evaluation of a training run: ``python -m nfjax.evaluate --workdir DIR [--split SPLIT] [--batch N]``.
+"""Evaluation of a training run: ``python -m nfjax.evaluate --workdir DIR [--split SPLIT] [--batch N]
+[--confusion-png PATH] [--no-table]``.
 
 Reads the run's config from the workdir, restores the weights of the newest checkpoint (params, BN statistics,
 EMA; no optimizer state) into the shardings of the current device mesh (any device count: the run may have
@@ -6,7 +7,15 @@ trained on another), evaluates the raw weights and, when the run keeps them, the
 split, and prints one JSON object:
 
     {"step": 6, "split": "test", "top1": ..., "top5": ..., "loss": ..., "examples": 10000,
-     "ema": {"top1": ..., "top5": ..., "loss": ..., "examples": 10000}}   # "ema" only with EMA weights
+     "macro_precision": ..., "macro_recall": ..., "macro_f1": ..., "weighted_precision": ..., ...,
+     "per_class": [{"class": 0, "name": "T-shirt/top", "precision": ..., "recall": ..., "f1": ...,
+                    "support": 1000}, ...],
+     "confusion_matrix": [[...], ...],                                     # rows true, columns predicted
+     "ema": {the same keys for the EMA weights}}                            # "ema" only with EMA weights
+
+``confusion_matrix`` is printed up to ``JSON_CONFUSION_CLASSES`` classes. A per-class table goes to stderr
+(``--no-table``: none); ``--confusion-png PATH`` draws the confusion matrix of the EMA weights (when the run keeps
+them, else of the raw weights). See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -22,16 +31,21 @@ configure_host_devices()  # before JAX starts, as for training
 
 from nfjax import parallel
 from nfjax.cli import run_parsed
+from nfjax.confusion_png import draw_confusion
+from nfjax.eval_metrics import MAX_CONFUSION_CLASSES, format_table
 from nfjax.experiment import load_run
+
+JSON_CONFUSION_CLASSES = 100  # larger confusion matrices stay out of the printed JSON
 
 
 def evaluate_workdir(
     workdir: str, split: str | None = None, batch: int | None = None, data_dir: str | None = None
 ) -> dict[str, Any]:
-    """Top-1/top-5/loss/example count of the raw (and EMA) weights of the newest checkpoint over ``split``
-    (default: the run's eval split), every example counted exactly once. A folder of converted weights is
-    evaluated on ImageNet's validation split with the preprocessing its weights expect (``data_dir``: where
-    TFDS keeps ImageNet, default the folder's config)."""
+    """Top-1/top-5/loss/example count and per-class precision/recall/F1 (with macro and weighted averages and
+    the confusion matrix) of the raw (and EMA) weights of the newest checkpoint over ``split`` (default: the
+    run's eval split), every example counted exactly once. A folder of converted weights is evaluated on
+    ImageNet's validation split with the preprocessing its weights expect (``data_dir``: where TFDS keeps
+    ImageNet, default the folder's config)."""
     parallel.initialize_distributed()  # multi-process only when the environment describes a cluster
     run = load_run(workdir, eval_split=split, eval_batch=batch, data_dir=data_dir)
     results = run.experiment.evaluate(run.weights)
@@ -39,6 +53,31 @@ def evaluate_workdir(
     if "eval_ema" in results:
         out["ema"] = results["eval_ema"]
     return out
+
+
+def report_outputs(result: dict[str, Any], table: bool, png: str | None) -> dict[str, Any]:
+    """Prints the per-class table(s) to stderr, draws the PNG, and returns the JSON to print (the confusion
+    matrix left out above ``JSON_CONFUSION_CLASSES`` classes)."""
+    reports = [("params", result)] + ([("ema", result["ema"])] if "ema" in result else [])
+    if table:
+        for name, report in reports:
+            print(format_table(report, f"{result['split']} split, step {result['step']}, {name}:"), file=sys.stderr)
+    if png:
+        name, report = reports[-1]  # EMA weights when the run keeps them, as nfjax.predict uses
+        if "confusion_matrix" not in report:
+            raise ValueError(f"--confusion-png: no confusion matrix above {MAX_CONFUSION_CLASSES} classes")
+        title = f"{result['split']} split, step {result['step']}, {name} weights: rows true, columns predicted"
+        draw_confusion(report["confusion_matrix"], [row["name"] for row in report["per_class"]], png, title)
+    out = _printable(result)
+    if "ema" in result:
+        out["ema"] = _printable(result["ema"])
+    return out
+
+
+def _printable(report: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``report``, without its confusion matrix above ``JSON_CONFUSION_CLASSES`` classes."""
+    drop = len(report["per_class"]) > JSON_CONFUSION_CLASSES
+    return {k: v for k, v in report.items() if not (drop and k == "confusion_matrix")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,11 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default=None, help="dataset split (default: the run's data.eval_split)")
     parser.add_argument("--batch", type=int, default=None, help="global eval batch (default: the run's)")
     parser.add_argument("--data-dir", default=None, help="the dataset's folder (default: the run's data.data_dir)")
+    parser.add_argument(
+        "--confusion-png", default=None, metavar="PATH", help="draw the confusion matrix with class names as a PNG"
+    )
+    parser.add_argument("--no-table", action="store_true", help="no per-class table on stderr")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    code, result = run_parsed(build_parser(), argv, lambda a: evaluate_workdir(a.workdir, a.split, a.batch, a.data_dir))
+    def run(args):
+        result = evaluate_workdir(args.workdir, args.split, args.batch, args.data_dir)
+        return report_outputs(result, table=not args.no_table, png=args.confusion_png)
+
+    code, result = run_parsed(build_parser(), argv, run)
     if code == 0:
         print(json.dumps(result))
     return code

@@ -7,7 +7,7 @@ consume it and none re-derives it.
     step_fn, eval_fn = exp.train_step(), exp.eval_step
 
     run = load_run(workdir)                  # evaluation / prediction: config + weights, no optimizer
-    run.experiment.evaluate(run.weights)     # top-1/top-5/loss of params (and EMA) over the eval split
+    run.experiment.evaluate(run.weights)     # top-1/top-5/loss, per-class P/R/F1 of params (and EMA)
 
 The train state is a dict of plain pytrees (see :mod:`nfjax.steps`); ``weights`` is its params / batch_stats /
 ema part, which is all that evaluation and prediction restore (:meth:`nfjax.checkpoint.Checkpointer.restore_weights`).
@@ -26,11 +26,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from nfjax import data as data_lib
 from nfjax import finetune, optim, parallel
 from nfjax.checkpoint import Checkpointer, abstract_like, check_compatible
+from nfjax.eval_metrics import COUNT_KEYS, classification_report
 from nfjax.losses import BCE_REDUCTIONS, LOSSES, make_loss_fn
 from nfjax.models import create_model, model_metadata
 from nfjax.steps import make_eval_step, make_train_step
@@ -265,21 +267,26 @@ class Experiment:
 
     @functools.cached_property
     def eval_step(self) -> Callable[[dict, dict, dict], dict]:
-        """The jitted eval step: masked sums (count, top1, top5, loss) of one batch."""
+        """The jitted eval step: masked sums (count, top1, top5, loss, per-class counts) of one batch."""
         return jax.jit(make_eval_step(self.graphdef, make_loss_fn("softmax_xent")))
 
-    def evaluate_split(self, params: dict, batch_stats: dict) -> dict[str, float]:
-        """Top-1/top-5/loss of ``params`` over the whole eval split (data.eval_split, batch train.eval_batch),
-        every example counted exactly once."""
+    def evaluate_split(self, params: dict, batch_stats: dict) -> dict[str, Any]:
+        """Top-1/top-5/loss and per-class precision/recall/F1 of ``params`` over the whole eval split
+        (data.eval_split, batch train.eval_batch), every example counted exactly once: the scalars of
+        :data:`nfjax.eval_metrics.SUMMARY_KEYS` beside top1/top5/loss/examples, and the lists ``per_class`` and
+        ``confusion_matrix`` (K <= MAX_CONFUSION_CLASSES), see :func:`nfjax.eval_metrics.classification_report`."""
         global_batch = self.cfg.train.eval_batch or self.cfg.train.global_batch
-        sums: dict[str, float] = {}
+        sums: dict[str, Any] = {}
         for b in data_lib.build_eval_iterator(self.cfg.data, global_batch=global_batch, mesh=self.mesh):
             for k, v in jax.device_get(self.eval_step(params, batch_stats, b)).items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                v = np.asarray(v, np.int64) if k in COUNT_KEYS else float(v)  # per-class counts: exact integers
+                sums[k] = sums[k] + v if k in sums else v
         count = int(round(sums.get("count", 0)))
         if count != self.info.num_eval_examples:
             raise RunError(f"evaluation counted {count} examples, expected {self.info.num_eval_examples}")
-        return dict(top1=sums["top1"] / count, top5=sums["top5"] / count, loss=sums["loss"] / count, examples=count)
+        report = classification_report({k: sums[k] for k in COUNT_KEYS if k in sums}, self.info.class_names)
+        means = dict(top1=sums["top1"] / count, top5=sums["top5"] / count, loss=sums["loss"] / count)
+        return means | dict(examples=count) | report
 
     def evaluate(self, weights: dict) -> dict[str, dict]:
         """``{'eval': metrics of the params, 'eval_ema': metrics of the EMA weights (when present)}``."""

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nfjax.eval_metrics import class_counts
 from nfjax.optim import Optimizer
 
 
@@ -88,7 +89,9 @@ def make_eval_step(graphdef, loss_fn) -> Callable[[dict, dict, dict], dict]:
     """``eval_step(params, batch_stats, batch) -> sums``: masked sums over the global batch.
 
     Returns count (real examples), top1/top5 correct counts and the summed loss, so metrics are exact
-    example-weighted means however the last batch is padded.
+    example-weighted means however the last batch is padded, and the masked per-class counts of the top-1
+    predictions (:func:`nfjax.eval_metrics.class_counts`: the int32 [K, K] confusion matrix, or per-class
+    vectors for very large K).
     """
 
     def eval_step(params, batch_stats, batch):
@@ -105,6 +108,7 @@ def make_eval_step(graphdef, loss_fn) -> Callable[[dict, dict, dict], dict]:
             top1=jnp.sum(correct1 * mask),
             top5=jnp.sum(correct5 * mask),
             loss=jnp.sum(per_example * mask),
+            **class_counts(labels, topk[:, 0], mask, logits.shape[-1]),
         )
 
     return eval_step

@@ -22,6 +22,7 @@ from nfjax import data as data_lib
 from nfjax import parallel
 from nfjax.checkpoint import Checkpointer, CheckpointSaveError, first_line
 from nfjax.clipping import leaf_paths
+from nfjax.eval_metrics import split_details
 from nfjax.experiment import Experiment, RunError, build_experiment, save_config
 from nfjax.metrics import MetricWriter, Progress
 
@@ -327,10 +328,28 @@ class TrainingLoop:
         )
 
     def _evaluate(self, state: dict, step: int) -> dict:
-        results = {"step": step, **self.exp.evaluate(state)}
-        for split in ("eval", "eval_ema"):
-            if split in results:
-                self.writer.write(step, split, results[split])
-        line = "  ".join(f"{s} top1 {r['top1']:.4f} loss {r['loss']:.4f}" for s, r in results.items() if s != "step")
+        """Evaluates raw (and EMA) weights: scalars (top1/top5/loss, macro and weighted P/R/F1) to metrics.jsonl,
+        the per-class report of this evaluation to ``eval_report.json``; returns the scalars."""
+        results, details = {"step": step}, {"step": step, "split": self.exp.cfg.data.eval_split}
+        for split, metrics in self.exp.evaluate(state).items():
+            results[split], details[split] = split_details(metrics)[0], metrics
+            self.writer.write(step, split, results[split])
+        write_eval_report(self.workdir, details)
+        line = "  ".join(
+            f"{s} top1 {r['top1']:.4f} loss {r['loss']:.4f} macro_f1 {r['macro_f1']:.4f}"
+            for s, r in results.items()
+            if s != "step"
+        )
         self.progress.write(f"step {step}: {line} ({results['eval']['examples']} examples)")
         return results
+
+
+def write_eval_report(workdir: str, report: dict) -> None:
+    """``workdir/eval_report.json`` (process 0): the newest evaluation's per-class metrics and confusion matrix,
+    replaced atomically."""
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, "eval_report.json")
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(report, f)
+    os.replace(f"{path}.tmp", path)

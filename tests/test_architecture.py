@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "nfjax"
-ENTRY_POINTS = ("nfjax.train", "nfjax.evaluate", "nfjax.predict", "nfjax.benchmark")
+ENTRY_POINTS = ("nfjax.train", "nfjax.evaluate", "nfjax.predict", "nfjax.export", "nfjax.benchmark")
 
 
 def module_name(path: Path) -> str:

@@ -1,0 +1,132 @@
+"""Export for serving: ``python -m nfjax.export --workdir DIR --out model.jax [--weights auto|ema|params]
+[--platforms cpu,cuda]``.
+
+Serializes the model's inference function with ``jax.export``: float32 NHWC images, already preprocessed (eval
+resize/center crop and mean/std normalization) -> float32 logits [batch, num_classes], with a symbolic batch
+dimension and the weights embedded as constants (EMA weights when the run keeps them, as ``nfjax.predict``
+uses). Beside it, ``model.jax.json`` records the input and output contract, the preprocessing to apply to a
+file, and the class names. The artifact loads without nfjax:
+
+    exported = jax.export.deserialize(bytearray(open("model.jax", "rb").read()))
+    logits = exported.call(images)   # images: float32 [N, S, S, C], normalized as model.jax.json says
+
+See docs/inference.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from nfjax.host_devices import configure_host_devices
+
+configure_host_devices()  # before JAX starts, as for training
+
+import jax
+import jax.numpy as jnp
+
+from nfjax import parallel
+from nfjax.cli import run_parsed
+from nfjax.inference import InferenceModel, load_inference_model
+
+CONTRACT_FORMAT = 1
+
+
+def export_model(model: InferenceModel, platforms: tuple[str, ...] | None = None) -> jax.export.Exported:
+    """The model's logits function, lowered for ``platforms`` (default: the current backend) with a symbolic
+    batch dimension: float32 [batch, S, S, C] -> float32 [batch, num_classes]."""
+    (batch,) = jax.export.symbolic_shape("batch")
+    spec = jax.ShapeDtypeStruct((batch, *model.input_shape), jnp.float32)
+    return jax.export.export(jax.jit(model.logits), platforms=platforms)(spec)
+
+
+def contract(model: InferenceModel, exported: jax.export.Exported, artifact: str) -> dict[str, Any]:
+    """The JSON written beside the artifact: what goes in, what comes out, and how to prepare a file."""
+    spec = model.experiment.model
+    return dict(
+        format=CONTRACT_FORMAT,
+        artifact=os.path.basename(artifact),
+        model=spec.name,
+        model_kwargs=spec.kwargs,
+        step=model.step,
+        weights=model.weights_name,
+        input=dict(
+            layout="NHWC",
+            dtype="float32",
+            shape=["batch", *model.input_shape],
+            preprocessed=True,  # resized, center-cropped and normalized as "preprocessing" says; not in the graph
+        ),
+        output=dict(name="logits", dtype="float32", shape=["batch", spec.num_classes], softmax=False),
+        preprocessing=model.preprocessing_record(),
+        class_names=list(model.class_names),
+        platforms=list(exported.platforms),
+        jax_version=jax.__version__,
+        calling_convention_version=exported.calling_convention_version,
+    )
+
+
+def _write_atomic(path: str, data: bytes | str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb" if isinstance(data, bytes | bytearray) else "w") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def export_workdir(
+    workdir: str, out: str, *, weights: str = "auto", platforms: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """Writes ``out`` (the serialized jax.export artifact) and ``out + '.json'`` (its contract); returns the
+    contract."""
+    out = os.path.abspath(os.path.expanduser(out))
+    if not os.path.isdir(os.path.dirname(out)):
+        raise FileNotFoundError(f"--out {out}: folder {os.path.dirname(out)} does not exist")
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out} is a folder; give a file name such as {os.path.join(out, 'model.jax')}")
+    model = load_inference_model(workdir, weights)
+    exported = export_model(model, platforms)
+    record = contract(model, exported, out)
+    _write_atomic(out, exported.serialize())
+    _write_atomic(f"{out}.json", json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m nfjax.export", description="Serializes a run's model with jax.export for serving."
+    )
+    parser.add_argument(
+        "--workdir", required=True, help="the --workdir of a training run, or a folder of converted weights"
+    )
+    parser.add_argument("--out", required=True, help="the artifact to write (its contract goes to OUT.json)")
+    parser.add_argument(
+        "--weights",
+        choices=("auto", "ema", "params"),
+        default="auto",
+        help="auto (default): EMA weights when the run keeps them, else the raw params",
+    )
+    parser.add_argument(
+        "--platforms", default=None, help="comma-separated, e.g. cpu,cuda,tpu (default: this machine's backend)"
+    )
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    parallel.initialize_distributed()
+    platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip()) if args.platforms else None
+    record = export_workdir(args.workdir, args.out, weights=args.weights, platforms=platforms)
+    shape = "x".join(map(str, record["input"]["shape"]))
+    print(f"wrote {args.out} ({record['model']}, {record['weights']} weights of step {record['step']}, input {shape})")
+    print(f"wrote {args.out}.json (input contract, preprocessing, class names)")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    code, _ = run_parsed(build_parser(), argv, run)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Batch inference over folders (CSV, corrupt files, flip TTA) and jax.export for serving, on a tiny BN ResNet
+written as a converted-weights folder (no training, no dataset)."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from nfjax import export, predict
+from nfjax.convert import pretrained as pt
+from nfjax.inference import load_inference_model, read_image
+from nfjax.models import create_model
+
+from helpers import assert_clean_error
+
+KWARGS = dict(widths=(8, 16, 16), stem_width=8)
+CLASSES = ["cat", "dog", "bird", "fish", "frog"]
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory):
+    """resnet_small with perturbed weights and BN statistics (so both matter), 16 px ImageNet-style input."""
+    abstract = nnx.eval_shape(lambda: create_model("resnet_small", len(CLASSES), rngs=nnx.Rngs(0), **KWARGS))
+    _, params, stats = nnx.split(abstract, nnx.Param, nnx.BatchStat)
+    rng = np.random.RandomState(0)
+
+    def draw(path, x):  # kernels ~ 1/sqrt(fan_in), BN scales and variances near 1, small biases and means
+        name, shape = str(path[-1]), x.shape
+        noise = rng.standard_normal(shape).astype(np.float32)
+        if len(shape) > 1:
+            return noise / np.sqrt(np.prod(shape[:-1]))
+        return 1 + 0.2 * np.abs(noise) if "scale" in name or "var" in name else 0.1 * noise
+
+    params = jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(params))
+    stats = jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(stats))
+    out = str(tmp_path_factory.mktemp("export") / "weights")
+    prep = pt.preprocessing(SIZE, SIZE, resize="crop_pct", crop_pct=0.875)
+    pt.save_pretrained(
+        out,
+        model="resnet_small",
+        model_kwargs=KWARGS,
+        weights=dict(params=params, batch_stats=stats),
+        source=dict(kind="test"),
+        prep=prep,
+        class_names=CLASSES,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(weights_dir):
+    return load_inference_model(weights_dir)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """20 PNG/JPEG images of assorted sizes in nested folders, one corrupt PNG and one text file."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.RandomState(1)
+    for i in range(20):
+        folder = root / ["", "a", "a/b"][i % 3]
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.randint(0, 256, (12 + i, 30 - i, 3), np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i:02d}.{'jpg' if i % 4 == 0 else 'png'}")
+    (root / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (root / "a" / "b" / "notes.txt").write_text("not an image")
+    return root
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def direct_logits(model, paths, flip=False):
+    x = model.preprocess([read_image(str(p), model.channels) for p in paths])
+    return np.asarray(model.logits(x[:, :, ::-1] if flip else x))
+
+
+def softmax(logits):
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_predict_folder_writes_one_row_per_readable_image(weights_dir, model, image_folder, tmp_path, capsys):
+    out = tmp_path / "predictions.csv"
+    args = ["--workdir", weights_dir, str(image_folder), "--out", str(out), "--top-k", "3", "--batch", "8"]
+    assert predict.main(args) == 0
+    err = capsys.readouterr().err
+    rows = read_rows(out)
+    good = [r for r in rows if not r["error"]]
+    bad = [r for r in rows if r["error"]]
+    assert len(good) == 20 and len(rows) == 21  # the text file is not an image: not listed at all
+    assert [r["path"] for r in bad] == [str(image_folder / "a" / "broken.png")]
+    assert bad[0]["class_1"] == "" and "cannot read" in bad[0]["error"]
+    assert "skipped 1 unreadable file" in err and "broken.png" in err and "Traceback" not in err
+    assert list(rows[0]) == ["path", "class_1", "prob_1", "class_2", "prob_2", "class_3", "prob_3", "error"]
+    probs = np.array([[float(r[f"prob_{i}"]) for i in (1, 2, 3)] for r in good])
+    assert (np.diff(probs, axis=1) <= 0).all() and (probs.sum(1) <= 1 + 1e-5).all() and (probs[:, 0] < 0.99).all()
+    # top-1 is the argmax of the model's logits, computed directly on the same files
+    logits = direct_logits(model, [r["path"] for r in good])
+    assert [r["class_1"] for r in good] == [CLASSES[i] for i in logits.argmax(-1)]
+    np.testing.assert_allclose(probs[:, 0], softmax(logits).max(-1), atol=2e-6)
+
+
+def test_flip_tta_averages_the_two_softmaxes(weights_dir, model, image_folder):
+    paths = sorted(str(p) for p in image_folder.rglob("img*"))[:5]
+    predictions, names = predict.predict_inputs(weights_dir, paths, batch=4, tta="flip")
+    assert names == tuple(CLASSES) and [p.path for p in predictions] == paths
+    expected = (softmax(direct_logits(model, paths)) + softmax(direct_logits(model, paths, flip=True))) / 2
+    np.testing.assert_allclose(np.stack([p.probs for p in predictions]), expected, atol=1e-6)
+    assert not np.allclose(expected, softmax(direct_logits(model, paths)), atol=1e-4)  # the flip changes something
+
+
+def test_explicit_files_print_top_k_and_an_unreadable_one_is_an_error(weights_dir, image_folder, capsys):
+    path = str(image_folder / "img03.png")
+    assert predict.main(["--workdir", weights_dir, "--top-k", "2", path]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == path and len(lines) == 3 and lines[1].split()[1] in CLASSES
+    code = predict.main(["--workdir", weights_dir, path, str(image_folder / "a" / "broken.png")])
+    assert_clean_error(code, capsys.readouterr().err, "broken.png")
+
+
+def test_exported_model_runs_without_nfjax_on_a_new_batch_size(weights_dir, model, image_folder, tmp_path, capsys):
+    out = tmp_path / "model.jax"
+    assert export.main(["--workdir", weights_dir, "--out", str(out)]) == 0
+    contract = json.loads((tmp_path / "model.jax.json").read_text())
+    assert contract["input"]["shape"] == ["batch", SIZE, SIZE, 3] and contract["class_names"] == CLASSES
+    assert contract["output"]["shape"] == ["batch", len(CLASSES)] and contract["weights"] == "params"
+    assert contract["preprocessing"]["crop_pct"] == 0.875 and len(contract["preprocessing"]["mean"]) == 3
+    x = model.preprocess([read_image(str(p), 3) for p in sorted(image_folder.rglob("img*"))[:7]])  # batch 7
+    expected = np.asarray(model.logits(x))
+    exported = jax.export.deserialize(bytearray(out.read_bytes()))
+    np.testing.assert_allclose(np.asarray(exported.call(x)), expected, atol=1e-5, rtol=0)
+    np.savez(tmp_path / "expected.npz", x=x, logits=expected)
+    code = f"""
+import sys, json, jax, numpy as np
+exported = jax.export.deserialize(bytearray(open({str(out)!r}, "rb").read()))
+data = np.load({str(tmp_path / "expected.npz")!r})
+np.testing.assert_allclose(np.asarray(exported.call(data["x"])), data["logits"], atol=1e-5, rtol=0)
+assert exported.call(data["x"][:2]).shape == (2, {len(CLASSES)})
+assert "nfjax" not in sys.modules, "the exported model must not need nfjax"
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command", ["predict", "export"])
+@pytest.mark.parametrize("make", ["missing_folder", "no_checkpoint"])
+def test_bad_input_is_one_clear_message(weights_dir, image_folder, tmp_path, capsys, command, make):
+    workdir, inputs = weights_dir, [str(image_folder)]
+    if make == "no_checkpoint":
+        workdir = str(tmp_path / "run")
+        os.makedirs(workdir)
+        shutil.copy(os.path.join(weights_dir, "config.json"), workdir)
+    else:
+        inputs = [str(tmp_path / "no_such_folder")]
+    if command == "predict":
+        code = predict.main(["--workdir", workdir, *inputs, "--out", str(tmp_path / "p.csv")])
+    else:
+        code = export.main(["--workdir", workdir if make == "no_checkpoint" else inputs[0], "--out", "m.jax"])
+    needle = "checkpoint" if make == "no_checkpoint" else "no_such_folder"
+    assert_clean_error(code, capsys.readouterr().err, needle)
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_thousand_images_give_a_thousand_rows(weights_dir, tmp_path, capsys):
+    rng = np.random.RandomState(2)
+    for i in range(1000):
+        folder = tmp_path / "images" / f"{i // 100}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.randint(0, 256, (8, 8, 3), np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "predictions.csv"
+    assert predict.main(["--workdir", weights_dir, str(tmp_path / "images"), "--out", str(out), "--batch", "256"]) == 0
+    rows = read_rows(out)
+    assert len(rows) == 1000 and not any(r["error"] for r in rows) and len({r["path"] for r in rows}) == 1000
+    assert "wrote 1000 predictions" in capsys.readouterr().err
