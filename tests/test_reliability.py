@@ -343,7 +343,7 @@ def test_a_dead_or_hung_process_stops_the_other_in_bounded_time_and_both_resume(
     run = (
         *DATA,
         f"--config.train.stall_timeout_s={STALL_S}",
-        "--config.train.total_steps=12",
+        "--config.train.total_steps=16",
         "--config.train.checkpoint_every_steps=4",
         "--config.train.eval_every_steps=12",
     )
@@ -376,7 +376,7 @@ def test_a_dead_or_hung_process_stops_the_other_in_bounded_time_and_both_resume(
     procs = launch()
     outputs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n\n".join(o[-3000:] for o in outputs)
-    assert [r["step"] for r in train_rows(workdir)] == list(range(1, 13))
+    assert [r["step"] for r in train_rows(workdir)] == list(range(1, 17))
 
 
 @pytest.mark.parametrize("backend", ["numpy", "tfdata"])
