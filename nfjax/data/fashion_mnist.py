@@ -87,7 +87,16 @@ def prepare_fashion_mnist(data_dir: str, source_dir: str = DEBIAN_SOURCE_DIR) ->
     registered = tfds.builder("fashion_mnist", data_dir=data_dir, try_gcs=False)
     if registered.is_prepared():
         return str(registered.data_dir)
-    splits = {name: load_idx_split(source_dir, name) for name in IDX_FILES}
+    return store_fashion_mnist(data_dir, {name: load_idx_split(source_dir, name) for name in IDX_FILES})
+
+
+def store_fashion_mnist(data_dir: str, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
+    """Writes ``splits`` (name -> (images uint8 [N, 28, 28, 1], labels [N])) as TFDS ``fashion_mnist`` with the
+    registered builder's features and version into ``data_dir``; returns the dataset folder. The split sizes are
+    those of the arrays, so a variant (e.g. a training split with some classes cut down) reads like the original."""
+    tfds = import_tfds()
+    data_dir = os.path.expanduser(data_dir)
+    registered = tfds.builder("fashion_mnist", data_dir=data_dir, try_gcs=False)
 
     def examples(images: np.ndarray, labels: np.ndarray):
         for i in range(len(labels)):
