@@ -230,8 +230,11 @@ def run_args(data, workdir, *extra):
         str(workdir),
         "--config.data.dataset=image_folder",
         f"--config.data.data_dir={data}",
-        "--config.model.kwargs.widths=(8,16,16)",
+        "--config.model.kwargs.depths=(1,)",  # one stage of one block: the init and the step compile in seconds
+        "--config.model.kwargs.widths=(8,)",
+        "--config.model.kwargs.strides=(2,)",
         "--config.model.kwargs.stem_width=8",
+        "--config.train.num_devices=2",  # the plateau state replicated over a mesh of more than one device
         "--config.train.global_batch=8",
         "--config.train.total_steps=8",
         "--config.train.eval_batch=8",
