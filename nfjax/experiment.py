@@ -144,7 +144,8 @@ def _check_train(train_cfg: ml_collections.ConfigDict) -> None:
 
 
 def _check_plateau_evaluations(opt: optim.Optimizer, lengths: Lengths, train_cfg: ml_collections.ConfigDict) -> None:
-    """Reduce-on-plateau acts on evaluations during training: at least ``patience`` of them before the end."""
+    """Reduce-on-plateau acts on evaluations during training: the first sets the best value, ``patience`` more
+    without improvement cut the scale, all before the last step (whose evaluation can no longer change the lr)."""
     if opt.plateau is None:
         return
     patience, every, total = opt.plateau.patience, lengths.eval_every, lengths.total_steps

@@ -124,7 +124,7 @@ def default_optim_config() -> ml_collections.ConfigDict:
             end_lr_factor=0.0,  # cosine floor, as a fraction of the peak lr
             cooldown_epochs=0.0,  # cosine schedules: the last epochs held at the floor (timm's --cooldown-epochs)
             schedule_unit="step",  # 'step': lr changes every step | 'epoch': held within each epoch (timm's default)
-            step_boundaries_epochs=(30.0, 60.0, 80.0),  # schedule='step' only
+            step_boundaries_epochs=(30.0, 60.0, 80.0),  # schedule='step' only: the milestones (MultiStepLR)
             step_decay_factor=0.1,  # schedule='step': lr *= factor at each boundary
             exp_decay_rate=0.97,  # schedule='exponential': lr *= rate per epoch after the warmup (torch's gamma)
             restart_epochs=10.0,  # schedule='cosine_restarts': epochs of the first cycle (SGDR's T_0)
