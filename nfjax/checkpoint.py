@@ -5,7 +5,7 @@ A checkpoint of a train state (a dict: step, params, opt_state, batch_stats for 
 three items, so that evaluation and prediction read the weights without knowing the optimizer:
 
   ``weights``  params, batch_stats, ema (those the state has)
-  ``train``    step, opt_state
+  ``train``    step, opt_state, plateau (the reduce-on-plateau state, when optim.plateau_patience > 0)
   ``meta``     JSON: format version, model name and constructor arguments, classes, input channels, dataset,
                global batch, and which weight trees the checkpoint holds
 
@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 
 FORMAT = 2  # 1: one 'state' item (before weights and optimizer state were saved apart)
 WEIGHT_KEYS = ("params", "batch_stats", "ema")
-TRAIN_KEYS = ("step", "opt_state")
+TRAIN_KEYS = ("step", "opt_state", "plateau")  # plateau: only with optim.plateau_patience > 0
 
 
 class CheckpointMismatchError(ValueError):
@@ -107,7 +107,7 @@ def _quiet_abandoned_reads() -> None:
 
 def split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(weights, train) items of a train state."""
-    return {k: state[k] for k in WEIGHT_KEYS if k in state}, {k: state[k] for k in TRAIN_KEYS}
+    return {k: state[k] for k in WEIGHT_KEYS if k in state}, {k: state[k] for k in TRAIN_KEYS if k in state}
 
 
 class Checkpointer:

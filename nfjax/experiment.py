@@ -143,6 +143,23 @@ def _check_train(train_cfg: ml_collections.ConfigDict) -> None:
             raise ValueError(f"train.{field}={train_cfg[field]} is invalid: must be >= 1")
 
 
+def _check_plateau_evaluations(opt: optim.Optimizer, lengths: Lengths, train_cfg: ml_collections.ConfigDict) -> None:
+    """Reduce-on-plateau acts on evaluations during training: the first sets the best value, ``patience`` more
+    without improvement cut the scale, all before the last step (whose evaluation can no longer change the lr)."""
+    if opt.plateau is None:
+        return
+    patience, every, total = opt.plateau.patience, lengths.eval_every, lengths.total_steps
+    evaluations = (total - 1) // every  # those before the final one, after which the lr no longer matters
+    if evaluations < patience + 1:
+        field = "eval_every_steps" if train_cfg.eval_every_steps else "eval_every_epochs"
+        raise ValueError(
+            f"optim.plateau_patience={patience} needs evaluations during training, but train.{field}="
+            f"{train_cfg[field]} evaluates every {every} steps: {evaluations} times before the end of the "
+            f"{total}-step run, so the lr scale could never be cut. Evaluate more often (at least "
+            f"{patience + 1} times before the end) or set optim.plateau_patience=0"
+        )
+
+
 class Experiment:
     """A run assembled from its config: data info, mesh, model, schedule lengths, and, built on first use,
     the optimizer, the state spec and the jitted steps."""
@@ -173,12 +190,14 @@ class Experiment:
     @functools.cached_property
     def optimizer(self) -> optim.Optimizer:
         """The optimizer bundle; validating the ``optim`` section happens here, once."""
-        return optim.build_optimizer(
+        opt = optim.build_optimizer(
             self.cfg.optim,
             steps_per_epoch=self.lengths.schedule_steps_per_epoch,
             total_steps=self.lengths.total_steps,
             global_batch=self.cfg.train.global_batch,
         )
+        _check_plateau_evaluations(opt, self.lengths, self.cfg.train)
+        return opt
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return self.model.identity() | dict(dataset=self.cfg.data.dataset, global_batch=self.cfg.train.global_batch)

@@ -6,6 +6,7 @@ The chain applied to the (device-averaged, accumulated) gradient ``g`` of the pa
 
 and, when fine-tuning, the backbone (every param outside the top-level ``classifier``) either gets no update at
 all (``freeze_backbone``) or ``backbone_lr_scale`` times its update (its lr scaled; the classifier keeps lr(t)).
+With reduce-on-plateau (``plateau_patience > 0``) every update is then multiplied by the plateau's scale.
 
 For the DeepMind NFNet recipe (``name='sgd'``, ``clipping='agc'``, coupled decay) one step is
 
@@ -17,14 +18,14 @@ For the DeepMind NFNet recipe (``name='sgd'``, ``clipping='agc'``, coupled decay
 
 :func:`build_optimizer` validates the section once and returns an :class:`Optimizer`, the one object that the
 train step reads. Masks by parameter path and AGC live in :mod:`nfjax.clipping`, gradient accumulation and SAM
-in :mod:`nfjax.optim_grads`; both are re-exported here. See docs/optim.md for the table of config fields.
+in :mod:`nfjax.optim_grads`, the schedules in :mod:`nfjax.schedules`; all are re-exported here. Reduce-on-plateau
+is :mod:`nfjax.plateau`. See docs/optim.md for the table of config fields.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -46,11 +47,24 @@ from nfjax.clipping import (
     unitwise_norm,
 )
 from nfjax.optim_grads import accumulated_grads, sam_grads, sam_perturbations
+from nfjax.plateau import Plateau
+from nfjax.schedules import (
+    COSINE_SCHEDULES,
+    LR_REFERENCE_BATCH,
+    SCHEDULES,
+    boundary_steps_of,
+    build_schedule,
+    decay_end_of,
+    peak_learning_rate,
+    warmup_steps_of,
+)
 from nfjax.suggest import did_you_mean
 
 __all__ = [
     "CLASSIFIER_KERNEL",
     "HEAD",
+    "LR_REFERENCE_BATCH",
+    "SCHEDULES",
     "NO_DECAY_NAMES",
     "Optimizer",
     "accumulated_grads",
@@ -75,11 +89,11 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("sgd", "lamb", "adamw")
-SCHEDULES = ("warmup_cosine", "timm_cosine", "step", "constant")
 SCHEDULE_UNITS = ("step", "epoch")
 CLIPPINGS = ("agc", "global_norm", "none")
 DECAY_MODES = ("coupled", "decoupled", "auto")
-LR_REFERENCE_BATCH = 256  # lr = base_lr * global_batch / 256 (Goyal et al.; DeepMind's lr_scale_by_bs)
+PLATEAU_METRICS = ("loss", "top1", "macro_f1")  # loss: lower is better; the others: higher is better
+PLATEAU_SPLITS = ("eval", "eval_ema")
 
 
 def default_optim_config() -> ml_collections.ConfigDict:
@@ -103,15 +117,26 @@ def default_optim_config() -> ml_collections.ConfigDict:
             agc_eps=1e-3,  # floor on the unit param norm, so zero-init params still move
             clip_exclude=(CLASSIFIER_KERNEL,),  # regexes on the path: not clipped by AGC
             max_grad_norm=1.0,  # clipping='global_norm' only
-            schedule="warmup_cosine",  # 'warmup_cosine' | 'timm_cosine' | 'step' | 'constant'
+            schedule="warmup_cosine",  # see SCHEDULES: cosines, 'step', 'exponential', 'cosine_restarts', 'constant'
             warmup_epochs=5.0,  # linear warmup from warmup_start_lr to the peak
             warmup_steps=0,  # > 0 overrides warmup_epochs
             warmup_start_lr=0.0,  # absolute lr at step 0 of the warmup (timm's --warmup-lr; DeepMind: 0)
             end_lr_factor=0.0,  # cosine floor, as a fraction of the peak lr
             cooldown_epochs=0.0,  # cosine schedules: the last epochs held at the floor (timm's --cooldown-epochs)
             schedule_unit="step",  # 'step': lr changes every step | 'epoch': held within each epoch (timm's default)
-            step_boundaries_epochs=(30.0, 60.0, 80.0),  # schedule='step' only
+            step_boundaries_epochs=(30.0, 60.0, 80.0),  # schedule='step' only: the milestones (MultiStepLR)
             step_decay_factor=0.1,  # schedule='step': lr *= factor at each boundary
+            exp_decay_rate=0.97,  # schedule='exponential': lr *= rate per epoch after the warmup (torch's gamma)
+            restart_epochs=10.0,  # schedule='cosine_restarts': epochs of the first cycle (SGDR's T_0)
+            restart_mult=1.0,  # schedule='cosine_restarts': each cycle is this many times the previous (T_mult)
+            restart_decay=1.0,  # schedule='cosine_restarts': cycle i starts from peak x restart_decay ** i
+            plateau_patience=0,  # evaluations without improvement before the lr scale is cut; 0: no plateau rule
+            plateau_factor=0.1,  # lr scale *= factor at each cut
+            plateau_metric="loss",  # 'loss' (lower is better) | 'top1' | 'macro_f1' (higher is better)
+            plateau_split="eval",  # 'eval' (raw weights) | 'eval_ema' (needs ema_decay > 0)
+            plateau_threshold=1e-4,  # relative improvement over the best value that counts as better
+            plateau_cooldown=0,  # evaluations after a cut that count as neither bad nor good
+            plateau_min_scale=0.0,  # the lr scale never goes below this
             ema_decay=0.99999,  # 0 disables the parameter EMA
             accum_steps=1,  # micro-batches per optimizer step
             sam_rho=0.0,  # SAM radius; 0 disables SAM
@@ -167,6 +192,15 @@ def _check_numbers(c: ml_collections.ConfigDict) -> None:
         ("cooldown_epochs", 0 <= c.cooldown_epochs < math.inf, "must be a finite number of epochs >= 0"),
         ("end_lr_factor", 0 <= c.end_lr_factor <= 1, "must be in [0, 1] (fraction of the peak lr)"),
         ("step_decay_factor", c.step_decay_factor > 0, "must be > 0"),
+        ("exp_decay_rate", 0 < c.exp_decay_rate <= 1, "must be in (0, 1]: the lr factor per epoch (1: constant)"),
+        ("restart_epochs", 0 < c.restart_epochs < math.inf, "must be a finite number of epochs > 0"),
+        ("restart_mult", 1 <= c.restart_mult < math.inf, "must be a finite number >= 1 (1: cycles of equal length)"),
+        ("restart_decay", 0 < c.restart_decay <= 1, "must be in (0, 1] (1: every cycle starts at the peak lr)"),
+        ("plateau_patience", c.plateau_patience >= 0, "must be an integer >= 0 (0 disables reduce-on-plateau)"),
+        ("plateau_factor", 0 < c.plateau_factor < 1, "must be in (0, 1), e.g. 0.1 (torch's ReduceLROnPlateau)"),
+        ("plateau_threshold", 0 < c.plateau_threshold <= 1, "must be in (0, 1], e.g. 1e-4 (relative)"),
+        ("plateau_cooldown", c.plateau_cooldown >= 0, "must be an integer >= 0 (evaluations)"),
+        ("plateau_min_scale", 0 <= c.plateau_min_scale < 1, "must be in [0, 1) (0: no lower bound on the scale)"),
         ("ema_decay", 0 <= c.ema_decay < 1, "must be in [0, 1) (0 disables the EMA; DeepMind 0.99999)"),
         ("accum_steps", c.accum_steps >= 1, "must be an integer >= 1 (1 disables accumulation)"),
         ("sam_rho", c.sam_rho >= 0, "must be >= 0 (0 disables SAM)"),
@@ -190,7 +224,7 @@ def _check_steps(c: ml_collections.ConfigDict, steps_per_epoch: float, total_ste
             raise ValueError(f"{name}={value} is invalid: must be >= 1 optimizer step.")
     if batch < 1 or batch % c.accum_steps:
         _fail("accum_steps", c.accum_steps, f"must divide the global batch {batch} (>= 1)")
-    if c.cooldown_epochs and c.schedule not in ("warmup_cosine", "timm_cosine"):
+    if c.cooldown_epochs and c.schedule not in COSINE_SCHEDULES:
         _fail("cooldown_epochs", c.cooldown_epochs, f"only the cosine schedules have a cooldown, not {c.schedule!r}")
     warmup, end = warmup_steps_of(c, steps_per_epoch), decay_end_of(c, steps_per_epoch, total_steps)
     if warmup >= total_steps:
@@ -213,6 +247,13 @@ def _check_steps(c: ml_collections.ConfigDict, steps_per_epoch: float, total_ste
                 f"need increasing epochs after the warmup ({warmup:g} steps) and before the end "
                 f"({total_steps / steps_per_epoch:g} epochs)",
             )
+    if c.schedule == "cosine_restarts" and c.restart_epochs * steps_per_epoch < 1:
+        _fail(
+            "restart_epochs",
+            c.restart_epochs,
+            f"a restart cycle must last at least one step ({steps_per_epoch:g} steps per epoch); use at least "
+            f"{1 / steps_per_epoch:g} epochs",
+        )
 
 
 def validate_optim_config(
@@ -234,11 +275,15 @@ def validate_optim_config(
         ("name", OPTIMIZERS),
         ("schedule", SCHEDULES),
         ("schedule_unit", SCHEDULE_UNITS),
+        ("plateau_metric", PLATEAU_METRICS),
+        ("plateau_split", PLATEAU_SPLITS),
         ("clipping", CLIPPINGS),
         ("decay_mode", DECAY_MODES),
     ):
         _check_choice(c, field, valid)
     _check_numbers(c)
+    if c.plateau_patience and c.plateau_split == "eval_ema" and not c.ema_decay:
+        _fail("plateau_split", c.plateau_split, "there is no EMA to evaluate (ema_decay=0); use 'eval'")
     _check_steps(c, steps_per_epoch, total_steps, global_batch)
     return c
 
@@ -249,86 +294,6 @@ def _clipping(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
     if c.clipping == "global_norm":
         return optax.clip_by_global_norm(c.max_grad_norm)
     return optax.identity()
-
-
-# ----------------------------------------------------------------------------- schedules
-
-
-def peak_learning_rate(c: ml_collections.ConfigDict, global_batch: int) -> float:
-    """``base_lr * global_batch / 256`` when ``scale_lr_by_batch``, else ``base_lr``."""
-    return c.base_lr * global_batch / LR_REFERENCE_BATCH if c.scale_lr_by_batch else c.base_lr
-
-
-def _epoch_steps(epochs: float, steps_per_epoch: float) -> float:
-    """``epochs`` in steps: rounded to a whole step when ``steps_per_epoch`` is an int, else exact (a float)."""
-    steps = epochs * steps_per_epoch
-    return round(steps) if isinstance(steps_per_epoch, numbers.Integral) else steps
-
-
-def warmup_steps_of(c: ml_collections.ConfigDict, steps_per_epoch: float) -> float:
-    """``warmup_steps`` if > 0, else ``warmup_epochs`` in steps (:func:`_epoch_steps`)."""
-    return int(c.warmup_steps) if c.warmup_steps > 0 else _epoch_steps(c.warmup_epochs, steps_per_epoch)
-
-
-def decay_end_of(c: ml_collections.ConfigDict, steps_per_epoch: float, total_steps: int) -> float:
-    """The step where a cosine reaches its floor: ``total_steps`` less ``cooldown_epochs`` in steps."""
-    return total_steps - _epoch_steps(c.cooldown_epochs, steps_per_epoch)
-
-
-def boundary_steps_of(c: ml_collections.ConfigDict, steps_per_epoch: float) -> list[float]:
-    """``schedule='step'``: the ``step_boundaries_epochs`` in steps (:func:`_epoch_steps`)."""
-    return [_epoch_steps(e, steps_per_epoch) for e in c.step_boundaries_epochs]
-
-
-def _epoch_start(step: jax.Array, steps_per_epoch: float) -> jax.Array:
-    """The first step of ``step``'s epoch, ``floor(step / steps_per_epoch) * steps_per_epoch`` (fractional when
-    ``steps_per_epoch`` is): the lr is then held for the whole epoch, as timm's per-epoch scheduler step."""
-    if isinstance(steps_per_epoch, numbers.Integral):
-        return (step // steps_per_epoch) * steps_per_epoch
-    return jnp.floor(step.astype(jnp.float32) / steps_per_epoch) * steps_per_epoch
-
-
-def build_schedule(
-    c: ml_collections.ConfigDict, *, steps_per_epoch: float, total_steps: int, global_batch: int
-) -> optax.Schedule:
-    """The lr schedule, evaluated at the number of updates already applied (``t = 0`` for the first).
-
-    With ``W`` warmup steps, ``T = total_steps``, ``D = T - cooldown`` (the cosine's end), peak ``L``, warmup start
-    ``S = warmup_start_lr`` and floor ``F = end_lr_factor * L``: ``lr(t) = S + (L - S) t / W`` for ``t < W``, then
-
-    - ``warmup_cosine``: ``F + (L - F) (1 + cos(pi (min(t, D) - W) / (D - W))) / 2``, the cosine after the warmup
-      (DeepMind's WarmupCosineDecay; timm's cosine with ``warmup_prefix=True``);
-    - ``timm_cosine``: ``F + (L - F) (1 + cos(pi min(t, D) / D)) / 2``, the cosine over the whole run, the warmup
-      overlaid on its start (timm's CosineLRScheduler with its default ``warmup_prefix=False``);
-    - ``step``: ``L * step_decay_factor ** (number of boundaries <= t)``;
-    - ``constant``: ``L``.
-
-    ``W``, ``D`` and the step boundaries are whole steps when ``steps_per_epoch`` is an int and fractional when it is
-    a float (DeepMind's ``warmup_steps = 5 * images_per_epoch / batch``). ``schedule_unit='epoch'`` evaluates the
-    schedule at the first step of ``t``'s epoch, so the lr of epoch ``e`` is ``lr(e * steps_per_epoch)``.
-    """
-    peak, start = peak_learning_rate(c, global_batch), c.warmup_start_lr
-    warmup, end = warmup_steps_of(c, steps_per_epoch), decay_end_of(c, steps_per_epoch, total_steps)
-    floor, bounds = c.end_lr_factor * peak, boundary_steps_of(c, steps_per_epoch)
-
-    def after_warmup(t: jax.Array) -> jax.Array:
-        if c.schedule in ("warmup_cosine", "timm_cosine"):
-            first = warmup if c.schedule == "warmup_cosine" else 0.0
-            progress = (jnp.minimum(t, end) - first) / (end - first)
-            return 0.5 * (peak - floor) * (1 + jnp.cos(jnp.pi * progress)) + floor  # DeepMind's order of operations
-        if c.schedule == "step":
-            passed = sum((t >= b).astype(jnp.float32) for b in bounds)
-            return peak * jnp.power(jnp.float32(c.step_decay_factor), passed)
-        return jnp.full_like(t, peak)
-
-    def schedule(step: jax.typing.ArrayLike) -> jax.Array:
-        step = jnp.asarray(step)
-        t = (_epoch_start(step, steps_per_epoch) if c.schedule_unit == "epoch" else step).astype(jnp.float32)
-        if warmup == 0:
-            return after_warmup(t)
-        return jnp.where(t < warmup, (peak - start) * (t / warmup) + start, after_warmup(t))
-
-    return schedule
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -402,16 +367,20 @@ class Optimizer:
     schedule: optax.Schedule
     steps_per_epoch: float  # an epoch as the schedule counts it (see build_schedule)
     total_steps: int
+    plateau: Plateau | None = None  # reduce-on-plateau (plateau_patience > 0), else None
 
     @property
     def uses_ema(self) -> bool:
         return self.config.ema_decay > 0
 
     def init(self, params: Any) -> dict[str, Any]:
-        """The optimizer's part of a train state: ``opt_state`` (and ``ema`` when the EMA is on)."""
+        """The optimizer's part of a train state: ``opt_state``, ``ema`` when the EMA is on, and ``plateau``
+        (the reduce-on-plateau state: lr scale, best value, counters) when the plateau rule is on."""
         state = dict(opt_state=self.tx.init(params))
         if self.uses_ema:
             state["ema"] = init_ema(params)
+        if self.plateau is not None:
+            state["plateau"] = self.plateau.init()
         return state
 
     def gradients(self, grad_fn: Callable, params: Any, batch: Any, rng: jax.Array, mesh) -> tuple[Any, Any]:
@@ -423,18 +392,27 @@ class Optimizer:
         return accumulated_grads(grad_fn, params, batch, c.accum_steps, rng=rng)
 
     def apply(self, state: dict[str, Any], grads: Any) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-        """One update of the train state ``state`` (keys step, params, opt_state[, ema]) with ``grads``.
+        """One update of the train state ``state`` (keys step, params, opt_state[, ema][, plateau]) with ``grads``.
 
         Returns the updated fields (step, params, opt_state[, ema]) and the optimizer's metrics: lr of this
-        step, global norms of gradient, new params and update, and the AGC clip fraction (0 without AGC).
+        step (``schedule(step) * scale`` with the plateau rule, whose ``scale`` is also returned as
+        ``lr_scale``), global norms of gradient, new params and update, and the AGC clip fraction (0 without AGC).
+        The plateau ``scale`` multiplies the chain's final updates, which is the lr times the scale (every
+        optimizer here applies ``-lr(t)`` last); the state's ``plateau`` changes only between steps (the trainer).
         """
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        lr, extra = self.schedule(state["step"]), {}
+        if "plateau" in state:
+            scale = state["plateau"].scale
+            updates = jax.tree.map(lambda u: (scale * u).astype(u.dtype), updates)
+            lr, extra = lr * scale, dict(lr_scale=scale)
         params = optax.apply_updates(state["params"], updates)
         new = dict(step=state["step"] + 1, params=params, opt_state=opt_state)
         if "ema" in state:
             new["ema"] = update_ema(state["ema"], params, state["step"], self.config.ema_decay)
         metrics = dict(
-            lr=self.schedule(state["step"]),
+            lr=lr,
+            **extra,
             grad_norm=optax.tree.norm(grads),
             param_norm=optax.tree.norm(params),
             update_norm=optax.tree.norm(updates),
@@ -455,7 +433,7 @@ def build_optimizer(
     c = validate_optim_config(cfg, steps_per_epoch=steps_per_epoch, total_steps=total_steps, global_batch=global_batch)
     schedule = build_schedule(c, steps_per_epoch=steps_per_epoch, total_steps=total_steps, global_batch=global_batch)
     tx = _backbone_rule(c, optax.chain(_clipping(c), _optimizer(c, schedule)))
-    return Optimizer(c, tx, schedule, steps_per_epoch, total_steps)
+    return Optimizer(c, tx, schedule, steps_per_epoch, total_steps, Plateau.from_config(c))
 
 
 # ----------------------------------------------------------------------------- EMA

@@ -25,6 +25,8 @@ from nfjax.clipping import leaf_paths
 from nfjax.eval_metrics import split_details
 from nfjax.experiment import Experiment, RunError, build_experiment, save_config
 from nfjax.metrics import MetricWriter, Progress
+from nfjax.plateau import HIGHER_IS_BETTER
+from nfjax.plateau import describe as describe_plateau
 
 TRAIN_MEANS = ("loss", "top1", "grad_norm", "param_norm", "update_norm", "agc_clip_fraction")
 
@@ -195,6 +197,10 @@ class TrainingLoop:
         self.exp, self.workdir, self.ckpt = exp, workdir, ckpt
         self.train_cfg = exp.cfg.train
         self.step_fn = exp.train_step()
+        self.plateau = exp.optimizer.plateau  # reduce-on-plateau, or None
+        if self.plateau is not None:
+            shardings = exp.state_spec.shardings["plateau"]  # stays where the train step expects it
+            self.plateau_fn = jax.jit(self.plateau.update, out_shardings=shardings)
 
     def run(self, state: dict) -> dict:
         lengths, train = self.exp.lengths, self.train_cfg
@@ -227,6 +233,7 @@ class TrainingLoop:
                     interval, t0 = [], time.time()
                 if done % lengths.eval_every == 0 or done == lengths.total_steps:
                     final = self._evaluate(state, done)
+                    state = self._update_plateau(state, final, done)
                     watchdog.beat(where)
                 stop = preempt.agreed()
                 if done % train.checkpoint_every_steps == 0 or done == end or stop:
@@ -321,6 +328,7 @@ class TrainingLoop:
             means
             | dict(
                 lr=float(interval[-1]["lr"]),
+                **({"lr_scale": float(interval[-1]["lr_scale"])} if "lr_scale" in interval[-1] else {}),
                 epoch=step / self.exp.lengths.steps_per_epoch,
                 img_per_sec=len(interval) * self.train_cfg.global_batch / seconds,
                 step_time=seconds / len(interval),
@@ -342,6 +350,25 @@ class TrainingLoop:
         )
         self.progress.write(f"step {step}: {line} ({results['eval']['examples']} examples)")
         return results
+
+    def _update_plateau(self, state: dict, results: dict, step: int) -> dict:
+        """Reduce-on-plateau: the evaluation's metric (the same on every process: eval sums are global) updates
+        the state's ``plateau`` (checkpointed with it); logged as split 'plateau', and a cut in one line."""
+        if self.plateau is None:
+            return state
+        p = self.plateau
+        value = p.value_of(results)
+        before = float(jax.device_get(state["plateau"].scale))
+        state = dict(state, plateau=self.plateau_fn(state["plateau"], np.float32(value)))
+        now = describe_plateau(jax.device_get(state["plateau"]))
+        self.writer.write(step, "plateau", dict(value=value) | now)
+        if now["lr_scale"] != before:
+            fed = f"1 - {p.metric}" if p.metric in HIGHER_IS_BETTER else p.metric
+            self.progress.write(
+                f"step {step}: {p.split} {fed} = {value:.4g} did not improve on {now['best']:.4g} for "
+                f"{p.patience} evaluations (optim.plateau_patience): lr scale {before:.4g} -> {now['lr_scale']:.4g}"
+            )
+        return state
 
 
 def write_eval_report(workdir: str, report: dict) -> None:
