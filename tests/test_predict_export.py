@@ -159,6 +159,54 @@ print("ok")
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
+def test_saved_model_serves_the_same_logits_without_nfjax(weights_dir, model, image_folder, tmp_path, capsys):
+    out = tmp_path / "serving" / "1"  # TF Serving's layout: a numbered version folder
+    out.parent.mkdir()
+    assert export.main(["--workdir", weights_dir, "--out", str(out), "--format", "saved_model"]) == 0
+    assert "signature serving_default" in capsys.readouterr().out
+    assert (out / "saved_model.pb").is_file() and not (tmp_path / "serving" / "1.tmp").exists()
+    contract = json.loads((tmp_path / "serving" / "1.json").read_text())
+    assert contract["artifact_format"] == "saved_model" and contract["signature"] == "serving_default"
+    assert contract["input"]["shape"] == ["batch", SIZE, SIZE, 3] and contract["class_names"] == CLASSES
+    assert contract["output_names"] == ["logits", "probabilities"] and contract["platforms"] == ["cpu"]
+    x = model.preprocess([read_image(str(p), 3) for p in sorted(image_folder.rglob("img*"))[:7]])
+    np.savez(tmp_path / "expected.npz", x=x, logits=np.asarray(model.logits(x)))
+    code = f"""
+import sys, numpy as np, tensorflow as tf
+serve = tf.saved_model.load({str(out)!r}).signatures["serving_default"]
+data = np.load({str(tmp_path / "expected.npz")!r})
+for n in (7, 2):  # two batch sizes through the one polymorphic signature
+    out = serve(images=tf.constant(data["x"][:n]))
+    np.testing.assert_allclose(out["logits"].numpy(), data["logits"][:n], atol=1e-5, rtol=0)
+    e = np.exp(data["logits"][:n] - data["logits"][:n].max(-1, keepdims=True))
+    np.testing.assert_allclose(out["probabilities"].numpy(), e / e.sum(-1, keepdims=True), atol=1e-6, rtol=0)
+assert "nfjax" not in sys.modules, "the SavedModel must not need nfjax"
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+    env |= dict(CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    # a second export replaces the SavedModel; a folder holding something else is never overwritten
+    assert export.main(["--workdir", weights_dir, "--out", str(out), "--format", "saved_model"]) == 0
+    code = export.main(["--workdir", weights_dir, "--out", str(image_folder), "--format", "saved_model"])
+    assert_clean_error(code, capsys.readouterr().err, "holds no SavedModel")
+
+
+def test_saved_model_without_tensorflow_says_how_to_install_it(weights_dir, tmp_path, capsys, monkeypatch):
+    from nfjax import saved_model
+
+    def missing():
+        raise ImportError("No module named 'tensorflow'")
+
+    monkeypatch.setattr(saved_model, "import_tf", missing)
+    code = export.main(["--workdir", weights_dir, "--out", str(tmp_path / "m"), "--format", "saved_model"])
+    assert_clean_error(code, capsys.readouterr().err, "pip install tensorflow", "--format jax")
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.parametrize("command", ["predict", "export"])
 @pytest.mark.parametrize("make", ["missing_folder", "no_checkpoint"])
 def test_bad_input_is_one_clear_message(weights_dir, image_folder, tmp_path, capsys, command, make):
