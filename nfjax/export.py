@@ -96,7 +96,8 @@ def export_workdir(
     if artifact_format == "jax" and os.path.isdir(out):
         raise ValueError(f"--out {out} is a folder; give a file name such as {os.path.join(out, 'model.jax')}")
     if artifact_format == "saved_model":
-        saved_model.import_tensorflow()  # before the weights load: a missing TensorFlow fails fast
+        saved_model.check_out(out)  # before the weights load: a bad folder or a missing TensorFlow fails fast
+        saved_model.import_tensorflow()
     model = load_inference_model(workdir, weights)
     if artifact_format == "saved_model":
         saved_model.save_saved_model(model, out, platforms)

@@ -78,15 +78,9 @@ def serving_module(model: InferenceModel, platforms: tuple[str, ...] | None = No
 
 def save_saved_model(model: InferenceModel, out: str, platforms: tuple[str, ...] | None = None) -> None:
     """Writes the SavedModel folder ``out`` (``saved_model.pb``, ``variables/``), replacing a SavedModel already
-    there; a file or any other non-empty folder at ``out`` is refused. Written to ``out.tmp`` first, so a
-    failed export leaves no half-written model behind."""
-    if os.path.isfile(out):
-        raise ValueError(f"--out {out} is a file; --format saved_model writes a folder: give a new folder name")
-    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, "saved_model.pb")):
-        raise ValueError(
-            f"--out {out} is a non-empty folder that holds no SavedModel; give a new (or empty) folder so that "
-            "nothing else is overwritten"
-        )
+    there (:func:`check_out`). Written to ``out.tmp`` first, so a failed export leaves no half-written model
+    behind."""
+    check_out(out)
     tf, _ = import_tensorflow()
     module = serving_module(model, platforms)
     tmp = f"{out}.tmp"
@@ -94,6 +88,18 @@ def save_saved_model(model: InferenceModel, out: str, platforms: tuple[str, ...]
     tf.saved_model.save(module, tmp, signatures={SIGNATURE: module.serve})
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+
+
+def check_out(out: str) -> None:
+    """Raises ValueError when ``out`` is a file or a non-empty folder that holds no SavedModel (a SavedModel
+    there is replaced; anything else is never overwritten)."""
+    if os.path.isfile(out):
+        raise ValueError(f"--out {out} is a file; --format saved_model writes a folder: give a new folder name")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, "saved_model.pb")):
+        raise ValueError(
+            f"--out {out} is a non-empty folder that holds no SavedModel; give a new (or empty) folder so that "
+            "nothing else is overwritten"
+        )
 
 
 def signature_record(platforms: tuple[str, ...] | None) -> dict[str, Any]:

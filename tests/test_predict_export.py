@@ -121,6 +121,53 @@ def test_flip_tta_averages_the_two_softmaxes(weights_dir, model, image_folder):
     assert not np.allclose(expected, softmax(direct_logits(model, paths)), atol=1e-4)  # the flip changes something
 
 
+# (file, its [H, W], the eval resize [H', W']): the short side to int(16 / 0.875) = 18, the long side scaled alike
+CROP_CASES = [("img03.png", (15, 27), (18, 32)), ("a/img10.png", (22, 20), (20, 18))]
+
+
+def five_crop_reference(model, path, hw, resized_hw):
+    """float32 [5, 16, 16, 3]: the file resized as crop_pct does, then sliced by hand at the four corners and the
+    center, and normalized with the contract's formula."""
+    import tensorflow as tf
+
+    image = read_image(path, 3)
+    assert image.shape[:2] == hw
+    scaled = tf.image.resize(image.astype(np.float32), resized_hw, method="bicubic", antialias=True).numpy()
+    (h, w), s = resized_hw, SIZE
+    corners = [(0, 0), (0, w - s), (h - s, 0), (h - s, w - s), ((h - s + 1) // 2, (w - s + 1) // 2)]
+    prep = model.preprocessing_record()
+    mean, std = np.array(prep["mean"], np.float32), np.array(prep["std"], np.float32)
+    return np.stack([(scaled[t : t + s, c : c + s] - 255 * mean) / (255 * std) for t, c in corners])
+
+
+@pytest.mark.parametrize("tta", ["crops5", "flip+crops5"])
+def test_crop_tta_averages_the_softmax_of_the_five_crops(weights_dir, model, image_folder, tta):
+    paths = [str(image_folder / name) for name, _, _ in CROP_CASES]
+    predictions, _ = predict.predict_inputs(weights_dir, paths, batch=2, tta=tta)
+    for prediction, (name, hw, resized_hw) in zip(predictions, CROP_CASES, strict=True):
+        views = five_crop_reference(model, prediction.path, hw, resized_hw)
+        # the center view is the image the model gets without TTA: the hand reference resizes as nfjax does
+        np.testing.assert_allclose(views[4], direct_preprocessed(model, prediction.path), atol=1e-4)
+        probs = softmax(np.asarray(model.logits(np.concatenate([views, views[:, :, ::-1]]))))  # 5 crops, 5 mirrors
+        expected = probs.mean(0) if tta.startswith("flip") else probs[:5].mean(0)
+        np.testing.assert_allclose(prediction.probs, expected, atol=1e-6, err_msg=name)
+        assert not np.allclose(expected, probs[4], atol=1e-4)  # the corners change the center crop's probabilities
+
+
+def direct_preprocessed(model, path):
+    return model.preprocess([read_image(path, 3)])[0]
+
+
+def test_crop_tta_needs_an_eval_resize_beyond_the_crop(weights_dir, image_folder, tmp_path, capsys):
+    native = tmp_path / "native"
+    shutil.copytree(weights_dir, native)
+    config = json.loads((native / "config.json").read_text())
+    config["data"]["eval_preprocess"] = "none"
+    (native / "config.json").write_text(json.dumps(config))
+    code = predict.main(["--workdir", str(native), "--tta", "crops5", str(image_folder / "img03.png")])
+    assert_clean_error(code, capsys.readouterr().err, "--tta crops5", "'none'", "use --tta flip")
+
+
 def test_explicit_files_print_top_k_and_an_unreadable_one_is_an_error(weights_dir, image_folder, capsys):
     path = str(image_folder / "img03.png")
     assert predict.main(["--workdir", weights_dir, "--top-k", "2", path]) == 0
