@@ -118,7 +118,8 @@ def export_workdir(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m nfjax.export", description="Serializes a run's model with jax.export for serving."
+        prog="python -m nfjax.export",
+        description="Serializes a run's model for serving: a jax.export file or a TF SavedModel folder.",
     )
     parser.add_argument(
         "--workdir", required=True, help="the --workdir of a training run, or a folder of converted weights"

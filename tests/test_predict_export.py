@@ -183,6 +183,7 @@ def test_exported_model_runs_without_nfjax_on_a_new_batch_size(weights_dir, mode
     contract = json.loads((tmp_path / "model.jax.json").read_text())
     assert contract["input"]["shape"] == ["batch", SIZE, SIZE, 3] and contract["class_names"] == CLASSES
     assert contract["output"]["shape"] == ["batch", len(CLASSES)] and contract["weights"] == "params"
+    assert contract["artifact_format"] == "jax" and contract["platforms"] == ["cpu"]
     assert contract["preprocessing"]["crop_pct"] == 0.875 and len(contract["preprocessing"]["mean"]) == 3
     x = model.preprocess([read_image(str(p), 3) for p in sorted(image_folder.rglob("img*"))[:7]])  # batch 7
     expected = np.asarray(model.logits(x))
