@@ -3,7 +3,7 @@
 The model's inference function ``(weights, images) -> logits`` is converted with ``jax.experimental.jax2tf``
 (native serialization: the same StableHLO that ``jax.export`` writes, run by TF's XlaCallModule op) with a
 polymorphic batch dimension ``(b, S, S, C)``. The weights (params, and BN statistics for BN models) become
-``tf.Variable``\\ s of the SavedModel (its ``variables/`` folder) rather than graph constants, so the graph stays
+TF variables of the SavedModel (its ``variables/`` folder) rather than graph constants, so the graph stays
 small whatever the model's size. The ``serving_default`` signature takes
 
     images: float32 [batch, S, S, C], preprocessed (resized, center-cropped, normalized) as the JSON contract says
