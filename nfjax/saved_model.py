@@ -1,7 +1,7 @@
 """A TensorFlow SavedModel of a restored model, for TF Serving (``python -m nfjax.export --format saved_model``).
 
 The model's inference function ``(weights, images) -> logits`` is converted with ``jax.experimental.jax2tf``
-(native serialization: the same StableHLO that ``jax.export`` writes, run by TF's XlaCallModule op) with a
+(native serialization: StableHLO lowered by ``jax.export``, run by TF's XlaCallModule op) with a
 polymorphic batch dimension ``(b, S, S, C)``. The weights (params, and BN statistics for BN models) become
 TF variables of the SavedModel (its ``variables/`` folder) rather than graph constants, so the graph stays
 small whatever the model's size. The ``serving_default`` signature takes
