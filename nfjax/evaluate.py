@@ -1,5 +1,5 @@
 """Evaluation of a training run: ``python -m nfjax.evaluate --workdir DIR [--split SPLIT] [--batch N]
-[--confusion-png PATH] [--no-table]``.
+[--confusion-png PATH] [--no-table] [--tta flip]``.
 
 Reads the run's config from the workdir, restores the weights of the newest checkpoint (params, BN statistics,
 EMA; no optimizer state) into the shardings of the current device mesh (any device count: the run may have
@@ -15,7 +15,9 @@ split, and prints one JSON object:
 
 ``confusion_matrix`` is printed up to ``JSON_CONFUSION_CLASSES`` classes. A per-class table goes to stderr
 (``--no-table``: none); ``--confusion-png PATH`` draws the confusion matrix of the EMA weights (when the run keeps
-them, else of the raw weights). See docs/evaluation.md.
+them, else of the raw weights). ``--tta flip`` evaluates the mean of the softmax probabilities of each image and
+its mirror (top-1/top-5 and the per-class metrics rank them, the loss is -log of the label's); the JSON then says
+``"tta": "flip"``. See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -34,22 +36,32 @@ from nfjax.cli import run_parsed
 from nfjax.confusion_png import draw_confusion
 from nfjax.eval_metrics import MAX_CONFUSION_CLASSES, format_table
 from nfjax.experiment import load_run
+from nfjax.steps import EVAL_TTA_MODES
 
 JSON_CONFUSION_CLASSES = 100  # larger confusion matrices stay out of the printed JSON
 
 
 def evaluate_workdir(
-    workdir: str, split: str | None = None, batch: int | None = None, data_dir: str | None = None
+    workdir: str,
+    split: str | None = None,
+    batch: int | None = None,
+    data_dir: str | None = None,
+    tta: str = "none",
 ) -> dict[str, Any]:
     """Top-1/top-5/loss/example count and per-class precision/recall/F1 (with macro and weighted averages and
     the confusion matrix) of the raw (and EMA) weights of the newest checkpoint over ``split`` (default: the
     run's eval split), every example counted exactly once. A folder of converted weights is evaluated on
     ImageNet's validation split with the preprocessing its weights expect (``data_dir``: where TFDS keeps
-    ImageNet, default the folder's config)."""
+    ImageNet, default the folder's config). ``tta``: 'none' or 'flip' (test-time augmentation: the mean softmax
+    of each image and its mirror); with 'flip' the result carries ``tta='flip'``."""
+    if tta not in EVAL_TTA_MODES:
+        raise ValueError(f"--tta must be one of {', '.join(EVAL_TTA_MODES)} for evaluation, got {tta!r}")
     parallel.initialize_distributed()  # multi-process only when the environment describes a cluster
     run = load_run(workdir, eval_split=split, eval_batch=batch, data_dir=data_dir)
-    results = run.experiment.evaluate(run.weights)
-    out = dict(step=run.step, split=run.experiment.cfg.data.eval_split, **results["eval"])
+    results = run.experiment.evaluate(run.weights, tta)
+    out = dict(step=run.step, split=run.experiment.cfg.data.eval_split)
+    out |= dict(tta=tta) if tta != "none" else {}
+    out |= results["eval"]
     if "eval_ema" in results:
         out["ema"] = results["eval_ema"]
     return out
@@ -94,12 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--confusion-png", default=None, metavar="PATH", help="draw the confusion matrix with class names as a PNG"
     )
     parser.add_argument("--no-table", action="store_true", help="no per-class table on stderr")
+    parser.add_argument(
+        "--tta",
+        choices=EVAL_TTA_MODES,
+        default="none",
+        help="flip: evaluate the mean softmax of each image and its mirror (five-crop is predict-only)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     def run(args):
-        result = evaluate_workdir(args.workdir, args.split, args.batch, args.data_dir)
+        result = evaluate_workdir(args.workdir, args.split, args.batch, args.data_dir, args.tta)
         return report_outputs(result, table=not args.no_table, png=args.confusion_png)
 
     code, result = run_parsed(build_parser(), argv, run)

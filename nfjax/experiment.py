@@ -287,17 +287,30 @@ class Experiment:
     @functools.cached_property
     def eval_step(self) -> Callable[[dict, dict, dict], dict]:
         """The jitted eval step: masked sums (count, top1, top5, loss, per-class counts) of one batch."""
-        return jax.jit(make_eval_step(self.graphdef, make_loss_fn("softmax_xent")))
+        return self.tta_eval_step("none")
 
-    def evaluate_split(self, params: dict, batch_stats: dict) -> dict[str, Any]:
+    @functools.cached_property
+    def _eval_steps(self) -> dict[str, Callable[[dict, dict, dict], dict]]:
+        return {}  # test-time augmentation mode -> its jitted eval step
+
+    def tta_eval_step(self, tta: str) -> Callable[[dict, dict, dict], dict]:
+        """The jitted eval step with test-time augmentation ``tta`` (see :func:`nfjax.steps.make_eval_step`)."""
+        if tta not in self._eval_steps:
+            self._eval_steps[tta] = jax.jit(make_eval_step(self.graphdef, make_loss_fn("softmax_xent"), tta))
+        return self._eval_steps[tta]
+
+    def evaluate_split(self, params: dict, batch_stats: dict, tta: str = "none") -> dict[str, Any]:
         """Top-1/top-5/loss and per-class precision/recall/F1 of ``params`` over the whole eval split
         (data.eval_split, batch train.eval_batch), every example counted exactly once: the scalars of
         :data:`nfjax.eval_metrics.SUMMARY_KEYS` beside top1/top5/loss/examples, and the lists ``per_class`` and
-        ``confusion_matrix`` (K <= MAX_CONFUSION_CLASSES), see :func:`nfjax.eval_metrics.classification_report`."""
+        ``confusion_matrix`` (K <= MAX_CONFUSION_CLASSES), see :func:`nfjax.eval_metrics.classification_report`.
+        ``tta``: 'none' or 'flip' (the mean softmax of each image and its mirror, see
+        :func:`nfjax.steps.make_eval_step`)."""
+        step = self.tta_eval_step(tta)  # an unknown mode fails here, before any data is read
         global_batch = self.cfg.train.eval_batch or self.cfg.train.global_batch
         sums: dict[str, Any] = {}
         for b in data_lib.build_eval_iterator(self.cfg.data, global_batch=global_batch, mesh=self.mesh):
-            for k, v in jax.device_get(self.eval_step(params, batch_stats, b)).items():
+            for k, v in jax.device_get(step(params, batch_stats, b)).items():
                 v = np.asarray(v, np.int64) if k in COUNT_KEYS else float(v)  # per-class counts: exact integers
                 sums[k] = sums[k] + v if k in sums else v
         count = int(round(sums.get("count", 0)))
@@ -307,12 +320,12 @@ class Experiment:
         means = dict(top1=sums["top1"] / count, top5=sums["top5"] / count, loss=sums["loss"] / count)
         return means | dict(examples=count) | report
 
-    def evaluate(self, weights: dict) -> dict[str, dict]:
+    def evaluate(self, weights: dict, tta: str = "none") -> dict[str, dict]:
         """``{'eval': metrics of the params, 'eval_ema': metrics of the EMA weights (when present)}``."""
         stats = weights.get("batch_stats", {})
-        results = {"eval": self.evaluate_split(weights["params"], stats)}
+        results = {"eval": self.evaluate_split(weights["params"], stats, tta)}
         if "ema" in weights:
-            results["eval_ema"] = self.evaluate_split(weights["ema"], stats)
+            results["eval_ema"] = self.evaluate_split(weights["ema"], stats, tta)
         return results
 
 

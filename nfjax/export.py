@@ -1,11 +1,13 @@
-"""Export for serving: ``python -m nfjax.export --workdir DIR --out model.jax [--weights auto|ema|params]
-[--platforms cpu,cuda]``.
+"""Export for serving: ``python -m nfjax.export --workdir DIR --out model.jax [--format jax|saved_model]
+[--weights auto|ema|params] [--platforms cpu,cuda]``.
 
-Serializes the model's inference function with ``jax.export``: float32 NHWC images, already preprocessed (eval
-resize/center crop and mean/std normalization) -> float32 logits [batch, num_classes], with a symbolic batch
-dimension and the weights embedded as constants (EMA weights when the run keeps them, as ``nfjax.predict``
-uses). Beside it, ``model.jax.json`` records the input and output contract, the preprocessing to apply to a
-file, and the class names. The artifact loads without nfjax:
+``--format jax`` (the default) serializes the model's inference function with ``jax.export``: float32 NHWC
+images, already preprocessed (eval resize/center crop and mean/std normalization) -> float32 logits [batch,
+num_classes], with a symbolic batch dimension and the weights embedded as constants (EMA weights when the run
+keeps them, as ``nfjax.predict`` uses). ``--format saved_model`` writes the same function as a TensorFlow
+SavedModel folder for TF Serving (:mod:`nfjax.saved_model`; needs TensorFlow). Beside either, ``OUT.json``
+records the input and output contract, the preprocessing to apply to a file, and the class names. The artifact
+loads without nfjax:
 
     exported = jax.export.deserialize(bytearray(open("model.jax", "rb").read()))
     logits = exported.call(images)   # images: float32 [N, S, S, C], normalized as model.jax.json says
@@ -28,11 +30,12 @@ configure_host_devices()  # before JAX starts, as for training
 import jax
 import jax.numpy as jnp
 
-from nfjax import parallel
+from nfjax import parallel, saved_model
 from nfjax.cli import run_parsed
 from nfjax.inference import InferenceModel, load_inference_model
 
 CONTRACT_FORMAT = 1
+FORMATS = ("jax", "saved_model")
 
 
 def export_model(model: InferenceModel, platforms: tuple[str, ...] | None = None) -> jax.export.Exported:
@@ -43,8 +46,9 @@ def export_model(model: InferenceModel, platforms: tuple[str, ...] | None = None
     return jax.export.export(jax.jit(model.logits), platforms=platforms)(spec)
 
 
-def contract(model: InferenceModel, exported: jax.export.Exported, artifact: str) -> dict[str, Any]:
-    """The JSON written beside the artifact: what goes in, what comes out, and how to prepare a file."""
+def contract(model: InferenceModel, artifact: str, **serialization: Any) -> dict[str, Any]:
+    """The JSON written beside the artifact: what goes in, what comes out, and how to prepare a file.
+    ``serialization``: the format's own entries (platforms, versions, the SavedModel's signature)."""
     spec = model.experiment.model
     return dict(
         format=CONTRACT_FORMAT,
@@ -62,9 +66,8 @@ def contract(model: InferenceModel, exported: jax.export.Exported, artifact: str
         output=dict(name="logits", dtype="float32", shape=["batch", spec.num_classes], softmax=False),
         preprocessing=model.preprocessing_record(),
         class_names=list(model.class_names),
-        platforms=list(exported.platforms),
         jax_version=jax.__version__,
-        calling_convention_version=exported.calling_convention_version,
+        **serialization,
     )
 
 
@@ -76,31 +79,62 @@ def _write_atomic(path: str, data: bytes | str) -> None:
 
 
 def export_workdir(
-    workdir: str, out: str, *, weights: str = "auto", platforms: tuple[str, ...] | None = None
+    workdir: str,
+    out: str,
+    *,
+    weights: str = "auto",
+    platforms: tuple[str, ...] | None = None,
+    artifact_format: str = "jax",
 ) -> dict[str, Any]:
-    """Writes ``out`` (the serialized jax.export artifact) and ``out + '.json'`` (its contract); returns the
-    contract."""
-    out = os.path.abspath(os.path.expanduser(out))
+    """Writes ``out`` (the serialized jax.export artifact, or with ``artifact_format='saved_model'`` a SavedModel
+    folder) and ``out + '.json'`` (its contract); returns the contract."""
+    if artifact_format not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {artifact_format!r}")
+    out = os.path.abspath(os.path.expanduser(out.rstrip("/\\") or out))
     if not os.path.isdir(os.path.dirname(out)):
         raise FileNotFoundError(f"--out {out}: folder {os.path.dirname(out)} does not exist")
-    if os.path.isdir(out):
+    if artifact_format == "jax" and os.path.isdir(out):
         raise ValueError(f"--out {out} is a folder; give a file name such as {os.path.join(out, 'model.jax')}")
+    if artifact_format == "saved_model":
+        saved_model.check_out(out)  # before the weights load: a bad folder or a missing TensorFlow fails fast
+        saved_model.import_tensorflow()
     model = load_inference_model(workdir, weights)
-    exported = export_model(model, platforms)
-    record = contract(model, exported, out)
-    _write_atomic(out, exported.serialize())
+    if artifact_format == "saved_model":
+        saved_model.save_saved_model(model, out, platforms)
+        record = contract(model, out, artifact_format=artifact_format, **saved_model.signature_record(platforms))
+    else:
+        exported = export_model(model, platforms)
+        record = contract(
+            model,
+            out,
+            artifact_format=artifact_format,
+            platforms=list(exported.platforms),
+            calling_convention_version=exported.calling_convention_version,
+        )
+        _write_atomic(out, exported.serialize())
     _write_atomic(f"{out}.json", json.dumps(record, indent=2) + "\n")
     return record
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m nfjax.export", description="Serializes a run's model with jax.export for serving."
+        prog="python -m nfjax.export",
+        description="Serializes a run's model for serving: a jax.export file or a TF SavedModel folder.",
     )
     parser.add_argument(
         "--workdir", required=True, help="the --workdir of a training run, or a folder of converted weights"
     )
-    parser.add_argument("--out", required=True, help="the artifact to write (its contract goes to OUT.json)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="the artifact to write: a file (--format jax) or a folder (saved_model); its contract goes to OUT.json",
+    )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="jax",
+        help="jax (default): a jax.export file; saved_model: a TensorFlow SavedModel folder for TF Serving",
+    )
     parser.add_argument(
         "--weights",
         choices=("auto", "ema", "params"),
@@ -116,9 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     parallel.initialize_distributed()
     platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip()) if args.platforms else None
-    record = export_workdir(args.workdir, args.out, weights=args.weights, platforms=platforms)
+    record = export_workdir(
+        args.workdir, args.out, weights=args.weights, platforms=platforms, artifact_format=args.format
+    )
     shape = "x".join(map(str, record["input"]["shape"]))
-    print(f"wrote {args.out} ({record['model']}, {record['weights']} weights of step {record['step']}, input {shape})")
+    what = f"{record['model']}, {record['weights']} weights of step {record['step']}, input {shape}"
+    if args.format == "saved_model":
+        what += f", signature {record['signature']}"
+    print(f"wrote {args.out} ({what})")
     print(f"wrote {args.out}.json (input contract, preprocessing, class names)")
     return record
 

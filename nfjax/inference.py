@@ -3,7 +3,7 @@
 :func:`load_inference_model` restores the newest weights of a run (EMA weights when the run keeps them) or of a
 folder written by ``nfjax.convert``, together with the evaluation preprocessing its images need;
 :func:`run_batches` predicts class probabilities for many files through one jitted program of a fixed batch
-shape (the last batch padded), with optional flip test-time augmentation.
+shape (the last batch padded), with optional test-time augmentation (flip, five crops, or both).
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from nfjax.data.pipeline import batch_image_shape
 from nfjax.data.sources import IMAGE_EXTENSIONS, make_source
 from nfjax.data.tf_lazy import import_tf
 from nfjax.experiment import Experiment, load_config, load_run
-from nfjax.steps import apply_model
+from nfjax.steps import apply_model, mean_view_log_probs, with_flips
 
-TTA_MODES = ("none", "flip")
+TTA_MODES = ("none", "flip", "crops5", "flip+crops5")
+CROP_TTA_MODES = ("crops5", "flip+crops5")  # five crops of the resized image instead of its center crop
+CROP_RESIZES = ("deepmind", "crop_pct")  # eval_preprocess modes that resize beyond the crop
 
 
 class ImageReadError(ValueError):
@@ -52,23 +54,29 @@ def input_format(data_cfg) -> tuple[int, int | None]:
     return info.image_shape[-1], batch_image_shape(data_cfg, info, train=False)[0]
 
 
-def preprocess(images: list[np.ndarray], data_cfg, size_channels: tuple[int, int | None] | None = None) -> np.ndarray:
+def preprocess(
+    images: list[np.ndarray],
+    data_cfg,
+    size_channels: tuple[int, int | None] | None = None,
+    crops: bool = False,
+) -> np.ndarray:
     """uint8 [H, W, C] images -> float32 [N, S, S, C'] exactly as the eval pipeline prepares its batches.
-    ``size_channels``: (channels, size) when known without the dataset (a converted weights folder)."""
+    ``size_channels``: (channels, size) when known without the dataset (a converted weights folder).
+    ``crops``: float32 [N, 5, S, S, C'] instead, the four corner crops and the center crop of the eval resize
+    (:func:`nfjax.data.augment.five_crops`), each normalized; needs eval_preprocess 'deepmind' or 'crop_pct'."""
     channels, size = size_channels or input_format(data_cfg)
     mean, std = mean_std(data_cfg, channels)
     tf = import_tf()
+    prep = (size, data_cfg.eval_preprocess, data_cfg.crop_pct, channels)
+    interpolation = data_cfg.get("eval_interpolation", "bicubic")  # runs saved before the option existed: bicubic
+    normalize = lambda x: augment.normalize(x, mean, std, data_cfg.grayscale_to_rgb).numpy()
     out = []
     for image in images:
-        x = augment.eval_preprocess(
-            tf.constant(image),
-            size,
-            data_cfg.eval_preprocess,
-            data_cfg.crop_pct,
-            channels,
-            data_cfg.get("eval_interpolation", "bicubic"),  # runs saved before the option existed: bicubic
-        )
-        out.append(augment.normalize(x, mean, std, data_cfg.grayscale_to_rgb).numpy())
+        if crops:
+            views = augment.five_crops(augment.eval_resize(tf.constant(image), *prep, interpolation), size, channels)
+            out.append(np.stack([normalize(view) for view in tf.unstack(views)]))
+        else:
+            out.append(normalize(augment.eval_preprocess(tf.constant(image), *prep, interpolation)))
     return np.stack(out)
 
 
@@ -98,9 +106,23 @@ class InferenceModel:
         """[S, S, C] of one preprocessed image, C the model's input channels."""
         return (self.image_size, self.image_size, self.experiment.model.in_channels)
 
-    def preprocess(self, images: list[np.ndarray]) -> np.ndarray:
-        """uint8 [H, W, C] images -> the float32 [N, S, S, C] batch the model takes."""
-        return preprocess(images, self.experiment.cfg.data, (self.channels, self.eval_size))
+    def preprocess(self, images: list[np.ndarray], crops: bool = False) -> np.ndarray:
+        """uint8 [H, W, C] images -> the float32 [N, S, S, C] batch the model takes (``crops``: [N, 5, S, S, C],
+        the five crops of each image, see :func:`preprocess`)."""
+        return preprocess(images, self.experiment.cfg.data, (self.channels, self.eval_size), crops)
+
+    def check_tta(self, tta: str) -> None:
+        """Raises ValueError for an unknown ``tta`` or, for five-crop modes, a run whose eval preprocessing
+        does not resize beyond the crop (the five crops would all be the same image)."""
+        if tta not in TTA_MODES:
+            raise ValueError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+        resize = self.experiment.cfg.data.eval_preprocess
+        if tta in CROP_TTA_MODES and (resize not in CROP_RESIZES or self.eval_size is None):
+            raise ValueError(
+                f"--tta {tta} crops the eval resize, but this run's data.eval_preprocess is {resize!r} with "
+                f"eval image size {self.eval_size} (images are not resized beyond the crop, so the five crops "
+                "would be one); use --tta flip"
+            )
 
     def logits(self, images: jax.Array) -> jax.Array:
         """float32 [N, num_classes] logits of preprocessed images (weights closed over: traceable, exportable)."""
@@ -158,17 +180,21 @@ def find_images(folder: str) -> list[str]:
 
 
 def make_probs_fn(model: InferenceModel, tta: str = "none") -> Callable[[dict, dict, jax.Array], jax.Array]:
-    """A jitted (params, batch_stats, images [N, S, S, C]) -> softmax probabilities [N, classes]. 'flip': the
-    mean of the softmax of each preprocessed image and of its mirror image (width axis reversed)."""
-    if tta not in TTA_MODES:
-        raise ValueError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+    """A jitted (params, batch_stats, images) -> softmax probabilities [N, classes]; images float32
+    [N, S, S, C], or [N, 5, S, S, C] (:meth:`InferenceModel.preprocess` with crops) for the crop modes.
+    'none': softmax(model(x)). Otherwise p = (1/V) sum_v softmax(model(x_v)), the mean of the softmax
+    probabilities (not of the logits) over V views: 'flip' x and its mirror (width axis reversed), V = 2;
+    'crops5' the five crops, V = 5; 'flip+crops5' the five crops and their mirrors, V = 10."""
+    model.check_tta(tta)
     graphdef = model.experiment.graphdef
 
     def probs(params, batch_stats, images):
-        softmax = lambda x: jax.nn.softmax(apply_model(graphdef, params, batch_stats, x, train=False)[0], axis=-1)
-        if tta == "flip":
-            return (softmax(images) + softmax(jnp.flip(images, axis=2))) / 2
-        return softmax(images)
+        logits_fn = lambda x: apply_model(graphdef, params, batch_stats, x, train=False)[0]
+        if tta == "none":
+            return jax.nn.softmax(logits_fn(images), axis=-1)
+        views = images if tta in CROP_TTA_MODES else images[:, None]
+        views = with_flips(views) if tta.startswith("flip") else views
+        return jnp.exp(mean_view_log_probs(logits_fn, views))
 
     return jax.jit(probs)
 
@@ -191,12 +217,13 @@ def run_batches(
     if batch < 1:
         raise ValueError(f"--batch must be at least 1, got {batch}")
     probs_fn = make_probs_fn(model, tta)
+    crops = tta in CROP_TTA_MODES
     pending = None  # (chunk results, device probabilities) of the batch in flight
     for start in range(0, len(paths), batch):
         chunk, images = [], []
         for path in paths[start : start + batch]:
             try:
-                images.append(model.preprocess([read_image(path, model.channels)])[0])
+                images.append(model.preprocess([read_image(path, model.channels)], crops)[0])
                 chunk.append(Prediction(path))
             except ImageReadError as e:
                 chunk.append(Prediction(path, error=str(e)))
@@ -204,7 +231,7 @@ def run_batches(
                 chunk.append(Prediction(path, error=f"cannot preprocess {path} ({type(e).__name__}: {e})"))
         in_flight = None
         if images:
-            padded = np.zeros((batch, *model.input_shape), np.float32)
+            padded = np.zeros((batch, *images[0].shape), np.float32)
             padded[: len(images)] = np.stack(images)
             in_flight = probs_fn(model.params, model.batch_stats, padded)
         if pending is not None:

@@ -1,5 +1,5 @@
 """Top-k predictions for image files and folders: ``python -m nfjax.predict --workdir DIR INPUT... [--top-k 5]
-[--out predictions.csv] [--batch 64] [--tta flip]``.
+[--out predictions.csv] [--batch 64] [--tta none|flip|crops5|flip+crops5]``.
 
 Restores the newest checkpoint of the run in DIR, or the weights of a folder written by ``nfjax.convert`` (EMA
 weights when the run keeps them), preprocesses each image as the run's evaluation pipeline does (channels
@@ -14,8 +14,9 @@ with probabilities:
 A folder is searched recursively for .jpg/.jpeg/.png files. ``--out FILE.csv`` writes one CSV row per image
 instead (path, class_1, prob_1, ..., class_k, prob_k, error) with a progress bar on stderr. A file named on the
 command line must be readable (else nothing runs: one error message); a file found in a folder that cannot be
-read gets a row with only its path and error, is listed on stderr at the end, and is skipped. See
-docs/inference.md.
+read gets a row with only its path and error, is listed on stderr at the end, and is skipped. ``--tta`` averages
+the softmax probabilities over views of each image: its mirror (flip), the four corner and the center crops of
+the eval resize (crops5), or both (flip+crops5, ten views). See docs/inference.md.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def predict_inputs(
     workdir = os.path.abspath(os.path.expanduser(workdir))
     files, explicit = expand_inputs(inputs)
     model = load_inference_model(workdir)  # restores the weights; the program compiles later, in run_batches
+    model.check_tta(tta)  # five crops need an eval resize beyond the crop
     for path in explicit:
         read_image(path, model.channels)  # an unreadable file named on the command line: nothing runs
     batch = min(batch, len(files))
@@ -139,7 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="write a CSV file (one row per image) instead of printing")
     parser.add_argument("--batch", type=int, default=DEFAULT_BATCH, help=f"images per batch (default {DEFAULT_BATCH})")
     parser.add_argument(
-        "--tta", choices=TTA_MODES, default="none", help="flip: average the softmax of each image and its mirror"
+        "--tta",
+        choices=TTA_MODES,
+        default="none",
+        help="average the softmax over views: flip (image and mirror), crops5 (4 corner + center crops of the "
+        "eval resize), flip+crops5 (those 5 and their mirrors)",
     )
     parser.add_argument("images", nargs="+", metavar="INPUT", help="image files (PNG, JPEG) or folders of them")
     return parser

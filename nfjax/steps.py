@@ -10,6 +10,7 @@ State (a dict of pure pytrees, so orbax, shardings and donation see ordinary arr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -26,6 +27,24 @@ def apply_model(graphdef, params, batch_stats, images, *, train: bool, key=None)
     logits = model(images, train=train, key=key)
     new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)) if batch_stats else batch_stats
     return logits, new_stats
+
+
+def mean_view_log_probs(logits_fn: Callable[[jax.Array], jax.Array], views: jax.Array) -> jax.Array:
+    """Test-time augmentation: log of the mean softmax probability over V views of each image.
+
+    views float32 [N, V, S, S, C] -> [N, K]: log((1/V) sum_v softmax(logits_fn(views[:, v]))), computed as
+    logsumexp_v(log_softmax) - log(V) (stable where a probability underflows). All N * V views go through
+    ``logits_fn`` as one batch (inference mode: no view sees another). Its softmax is the averaged
+    probabilities, so top-k, argmax and softmax cross-entropy of it are those of the averaged probabilities.
+    """
+    n, v = views.shape[:2]
+    log_probs = jax.nn.log_softmax(logits_fn(views.reshape(n * v, *views.shape[2:])), axis=-1)
+    return jax.nn.logsumexp(log_probs.reshape(n, v, -1), axis=1) - math.log(v)
+
+
+def with_flips(views: jax.Array) -> jax.Array:
+    """[N, V, S, S, C] -> [N, 2V, S, S, C]: the views, then each mirrored (its width axis reversed)."""
+    return jnp.concatenate([views, jnp.flip(views, axis=3)], axis=1)
 
 
 def _targets(batch: dict) -> jax.Array:
@@ -85,17 +104,30 @@ def make_train_step(
     return step
 
 
-def make_eval_step(graphdef, loss_fn) -> Callable[[dict, dict, dict], dict]:
+EVAL_TTA_MODES = ("none", "flip")
+
+
+def make_eval_step(graphdef, loss_fn, tta: str = "none") -> Callable[[dict, dict, dict], dict]:
     """``eval_step(params, batch_stats, batch) -> sums``: masked sums over the global batch.
 
     Returns count (real examples), top1/top5 correct counts and the summed loss, so metrics are exact
     example-weighted means however the last batch is padded, and the masked per-class counts of the top-1
     predictions (:func:`nfjax.eval_metrics.class_counts`: the int32 [K, K] confusion matrix, or per-class
     vectors for very large K).
+
+    ``tta='flip'``: each image and its mirror are evaluated and the metrics are those of the mean of their two
+    softmax probabilities p: top-1/top-5 rank p, the loss is -log p[label] (:func:`mean_view_log_probs` stands
+    in for the logits).
     """
+    if tta not in EVAL_TTA_MODES:
+        raise ValueError(f"--tta must be one of {', '.join(EVAL_TTA_MODES)} for evaluation, got {tta!r}")
 
     def eval_step(params, batch_stats, batch):
-        logits, _ = apply_model(graphdef, params, batch_stats, batch["image"], train=False)
+        logits_fn = lambda x: apply_model(graphdef, params, batch_stats, x, train=False)[0]
+        if tta == "flip":
+            logits = mean_view_log_probs(logits_fn, with_flips(batch["image"][:, None]))
+        else:
+            logits = logits_fn(batch["image"])
         mask = batch.get("mask", jnp.ones(logits.shape[:1], jnp.float32))
         labels = batch["label"]
         k = min(5, logits.shape[-1])

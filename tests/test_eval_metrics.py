@@ -14,7 +14,9 @@ from nfjax import data, parallel, train
 from nfjax import evaluate as evaluate_lib
 from nfjax.confusion_png import draw_confusion
 from nfjax.eval_metrics import MAX_CONFUSION_CLASSES, SUMMARY_KEYS, class_counts, classification_report, format_table
+from nfjax.experiment import load_run
 from nfjax.metrics import read_metrics
+from nfjax.steps import apply_model
 
 from helpers import nf_args
 
@@ -156,3 +158,31 @@ def test_evaluate_cli_without_a_table(run2, capsys):
     assert evaluate_lib.main(["--workdir", str(run2), "--no-table"]) == 0
     captured = capsys.readouterr()
     assert "macro avg" not in captured.err and "macro_f1" in json.loads(captured.out)
+
+
+def test_evaluate_flip_tta_scores_the_mean_softmax_of_each_image_and_its_mirror(run2, capsys):
+    split = "test[:200]"  # 200 examples, one batch of 200 over the 8 devices
+    args = ["--workdir", str(run2), "--no-table", "--split", split, "--batch", "200", "--tta", "flip"]
+    assert evaluate_lib.main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tta"] == "flip" and result["examples"] == 200 and result["split"] == split
+    # reference: the model applied to the same images and to their mirrors, the softmaxes averaged in NumPy
+    run = load_run(str(run2), eval_split=split)
+    (batch,) = list(data.build_eval_iterator(run.experiment.cfg.data, global_batch=200))
+    images, labels = np.asarray(batch["image"]), np.asarray(batch["label"])
+    assert np.asarray(batch["mask"]).all()
+    apply = jax.jit(lambda x: apply_model(run.experiment.graphdef, run.weights["params"], {}, x, train=False)[0])
+    logits = lambda x: np.asarray(apply(x), np.float64)  # one program for the images and their mirrors
+    probs = (softmax(logits(images)) + softmax(logits(images[:, :, ::-1]))) / 2
+    assert result["top1"] == pytest.approx(np.mean(probs.argmax(-1) == labels), abs=1e-12)
+    assert result["loss"] == pytest.approx(-np.log(probs[np.arange(200), labels]).mean(), rel=1e-5)
+    top5 = np.argsort(-probs, axis=-1)[:, :5]
+    assert result["top5"] == pytest.approx(np.mean((top5 == labels[:, None]).any(-1)), abs=1e-12)
+    assert not np.allclose(probs, softmax(logits(images)), atol=1e-3)  # the mirror changes the probabilities
+    code = evaluate_lib.main(["--workdir", str(run2), "--tta", "crops5"])
+    assert code == 2 and "invalid choice: 'crops5'" in capsys.readouterr().err  # five crops: predict only
+
+
+def softmax(logits):
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)

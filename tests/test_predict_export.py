@@ -121,6 +121,53 @@ def test_flip_tta_averages_the_two_softmaxes(weights_dir, model, image_folder):
     assert not np.allclose(expected, softmax(direct_logits(model, paths)), atol=1e-4)  # the flip changes something
 
 
+# (file, its [H, W], the eval resize [H', W']): the short side to int(16 / 0.875) = 18, the long side scaled alike
+CROP_CASES = [("img03.png", (15, 27), (18, 32)), ("a/img10.png", (22, 20), (20, 18))]
+
+
+def five_crop_reference(model, path, hw, resized_hw):
+    """float32 [5, 16, 16, 3]: the file resized as crop_pct does, then sliced by hand at the four corners and the
+    center, and normalized with the contract's formula."""
+    import tensorflow as tf
+
+    image = read_image(path, 3)
+    assert image.shape[:2] == hw
+    scaled = tf.image.resize(image.astype(np.float32), resized_hw, method="bicubic", antialias=True).numpy()
+    (h, w), s = resized_hw, SIZE
+    corners = [(0, 0), (0, w - s), (h - s, 0), (h - s, w - s), ((h - s + 1) // 2, (w - s + 1) // 2)]
+    prep = model.preprocessing_record()
+    mean, std = np.array(prep["mean"], np.float32), np.array(prep["std"], np.float32)
+    return np.stack([(scaled[t : t + s, c : c + s] - 255 * mean) / (255 * std) for t, c in corners])
+
+
+@pytest.mark.parametrize("tta", ["crops5", "flip+crops5"])
+def test_crop_tta_averages_the_softmax_of_the_five_crops(weights_dir, model, image_folder, tta):
+    paths = [str(image_folder / name) for name, _, _ in CROP_CASES]
+    predictions, _ = predict.predict_inputs(weights_dir, paths, batch=2, tta=tta)
+    for prediction, (name, hw, resized_hw) in zip(predictions, CROP_CASES, strict=True):
+        views = five_crop_reference(model, prediction.path, hw, resized_hw)
+        # the center view is the image the model gets without TTA: the hand reference resizes as nfjax does
+        np.testing.assert_allclose(views[4], direct_preprocessed(model, prediction.path), atol=1e-4)
+        probs = softmax(np.asarray(model.logits(np.concatenate([views, views[:, :, ::-1]]))))  # 5 crops, 5 mirrors
+        expected = probs.mean(0) if tta.startswith("flip") else probs[:5].mean(0)
+        np.testing.assert_allclose(prediction.probs, expected, atol=1e-6, err_msg=name)
+        assert not np.allclose(expected, probs[4], atol=1e-4)  # the corners change the center crop's probabilities
+
+
+def direct_preprocessed(model, path):
+    return model.preprocess([read_image(path, 3)])[0]
+
+
+def test_crop_tta_needs_an_eval_resize_beyond_the_crop(weights_dir, image_folder, tmp_path, capsys):
+    native = tmp_path / "native"
+    shutil.copytree(weights_dir, native)
+    config = json.loads((native / "config.json").read_text())
+    config["data"]["eval_preprocess"] = "none"
+    (native / "config.json").write_text(json.dumps(config))
+    code = predict.main(["--workdir", str(native), "--tta", "crops5", str(image_folder / "img03.png")])
+    assert_clean_error(code, capsys.readouterr().err, "--tta crops5", "'none'", "use --tta flip")
+
+
 def test_explicit_files_print_top_k_and_an_unreadable_one_is_an_error(weights_dir, image_folder, capsys):
     path = str(image_folder / "img03.png")
     assert predict.main(["--workdir", weights_dir, "--top-k", "2", path]) == 0
@@ -136,6 +183,7 @@ def test_exported_model_runs_without_nfjax_on_a_new_batch_size(weights_dir, mode
     contract = json.loads((tmp_path / "model.jax.json").read_text())
     assert contract["input"]["shape"] == ["batch", SIZE, SIZE, 3] and contract["class_names"] == CLASSES
     assert contract["output"]["shape"] == ["batch", len(CLASSES)] and contract["weights"] == "params"
+    assert contract["artifact_format"] == "jax" and contract["platforms"] == ["cpu"]
     assert contract["preprocessing"]["crop_pct"] == 0.875 and len(contract["preprocessing"]["mean"]) == 3
     x = model.preprocess([read_image(str(p), 3) for p in sorted(image_folder.rglob("img*"))[:7]])  # batch 7
     expected = np.asarray(model.logits(x))
@@ -157,6 +205,54 @@ print("ok")
         [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_saved_model_serves_the_same_logits_without_nfjax(weights_dir, model, image_folder, tmp_path, capsys):
+    out = tmp_path / "serving" / "1"  # TF Serving's layout: a numbered version folder
+    out.parent.mkdir()
+    assert export.main(["--workdir", weights_dir, "--out", str(out), "--format", "saved_model"]) == 0
+    assert "signature serving_default" in capsys.readouterr().out
+    assert (out / "saved_model.pb").is_file() and not (tmp_path / "serving" / "1.tmp").exists()
+    contract = json.loads((tmp_path / "serving" / "1.json").read_text())
+    assert contract["artifact_format"] == "saved_model" and contract["signature"] == "serving_default"
+    assert contract["input"]["shape"] == ["batch", SIZE, SIZE, 3] and contract["class_names"] == CLASSES
+    assert contract["output_names"] == ["logits", "probabilities"] and contract["platforms"] == ["cpu"]
+    x = model.preprocess([read_image(str(p), 3) for p in sorted(image_folder.rglob("img*"))[:7]])
+    np.savez(tmp_path / "expected.npz", x=x, logits=np.asarray(model.logits(x)))
+    code = f"""
+import sys, numpy as np, tensorflow as tf
+serve = tf.saved_model.load({str(out)!r}).signatures["serving_default"]
+data = np.load({str(tmp_path / "expected.npz")!r})
+for n in (7, 2):  # two batch sizes through the one polymorphic signature
+    out = serve(images=tf.constant(data["x"][:n]))
+    np.testing.assert_allclose(out["logits"].numpy(), data["logits"][:n], atol=1e-5, rtol=0)
+    e = np.exp(data["logits"][:n] - data["logits"][:n].max(-1, keepdims=True))
+    np.testing.assert_allclose(out["probabilities"].numpy(), e / e.sum(-1, keepdims=True), atol=1e-6, rtol=0)
+assert "nfjax" not in sys.modules, "the SavedModel must not need nfjax"
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+    env |= dict(CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    # a second export replaces the SavedModel; a folder holding something else is never overwritten
+    assert export.main(["--workdir", weights_dir, "--out", str(out), "--format", "saved_model"]) == 0
+    code = export.main(["--workdir", weights_dir, "--out", str(image_folder), "--format", "saved_model"])
+    assert_clean_error(code, capsys.readouterr().err, "holds no SavedModel")
+
+
+def test_saved_model_without_tensorflow_says_how_to_install_it(weights_dir, tmp_path, capsys, monkeypatch):
+    from nfjax import saved_model
+
+    def missing():
+        raise ImportError("No module named 'tensorflow'")
+
+    monkeypatch.setattr(saved_model, "import_tf", missing)
+    code = export.main(["--workdir", weights_dir, "--out", str(tmp_path / "m"), "--format", "saved_model"])
+    assert_clean_error(code, capsys.readouterr().err, "pip install tensorflow", "--format jax")
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize("command", ["predict", "export"])

@@ -198,25 +198,49 @@ def eval_preprocess(image, size: int | None, mode: str, crop_pct: float, channel
                 antialiased, ``interpolation`` 'bicubic' (timm) or 'bilinear' (torchvision)), center-crop size.
     'none':     decode only (resize to size if the stored size differs).
     """
-    tf = import_tf()
     if mode == "none" or size is None:
         return resize_to(image, size, channels)
+    scaled = eval_resize(image, size, mode, crop_pct, channels, interpolation)
+    return _crop_at(scaled, size, channels, *_center_offsets(scaled, size))
+
+
+def eval_resize(image, size: int, mode: str, crop_pct: float, channels: int, interpolation="bicubic"):
+    """The resize step of :func:`eval_preprocess` ('deepmind' or 'crop_pct'): float32 [H', W', channels] with
+    H', W' >= size, before the crop."""
+    tf = import_tf()
     image = decode(image, channels)
     if mode == "deepmind":
-        scaled = resize(image, size + CENTER_CROP_PADDING, size + CENTER_CROP_PADDING)
-    elif mode == "crop_pct":
+        return resize(image, size + CENTER_CROP_PADDING, size + CENTER_CROP_PADDING)
+    if mode == "crop_pct":
         shape = tf.cast(tf.shape(image)[:2], tf.float32)
         short_side = float(int(size / crop_pct))
         new_hw = tf.cast(tf.round(shape * short_side / tf.reduce_min(shape)), tf.int32)
         new_hw = tf.maximum(new_hw, size)
         if interpolation not in ("bicubic", "bilinear"):
             raise ValueError(f"unknown eval_interpolation {interpolation!r}; use 'bicubic' or 'bilinear'")
-        scaled = tf.image.resize(tf.cast(image, tf.float32), new_hw, method=interpolation, antialias=True)
-    else:
-        raise ValueError(f"unknown eval_preprocess {mode!r}; use 'deepmind', 'crop_pct' or 'none'")
+        return tf.image.resize(tf.cast(image, tf.float32), new_hw, method=interpolation, antialias=True)
+    raise ValueError(f"unknown eval_preprocess {mode!r}; use 'deepmind', 'crop_pct' or 'none'")
+
+
+def _center_offsets(scaled, size: int):
+    tf = import_tf()
     shape = tf.shape(scaled)
-    top, left = (shape[0] - size + 1) // 2, (shape[1] - size + 1) // 2
+    return (shape[0] - size + 1) // 2, (shape[1] - size + 1) // 2
+
+
+def _crop_at(scaled, size: int, channels: int, top, left):
+    tf = import_tf()
     return tf.ensure_shape(scaled[top : top + size, left : left + size], [size, size, channels])
+
+
+def five_crops(scaled, size: int, channels: int):
+    """float32 [5, size, size, channels]: the top-left, top-right, bottom-left and bottom-right corners and the
+    center crop (the one :func:`eval_preprocess` takes) of an image resized by :func:`eval_resize`."""
+    tf = import_tf()
+    shape = tf.shape(scaled)
+    bottom, right = shape[0] - size, shape[1] - size
+    corners = [(0, 0), (0, right), (bottom, 0), (bottom, right), _center_offsets(scaled, size)]
+    return tf.stack([_crop_at(scaled, size, channels, top, left) for top, left in corners])
 
 
 def normalize(image, mean, std, to_rgb: bool):
