@@ -85,13 +85,14 @@ def make_train_step(
     return step
 
 
-def make_eval_step(graphdef, loss_fn) -> Callable[[dict, dict, dict], dict]:
+def make_eval_step(graphdef, loss_fn, with_probs: bool = False) -> Callable[[dict, dict, dict], dict]:
     """``eval_step(params, batch_stats, batch) -> sums``: masked sums over the global batch.
 
     Returns count (real examples), top1/top5 correct counts and the summed loss, so metrics are exact
     example-weighted means however the last batch is padded, and the masked per-class counts of the top-1
     predictions (:func:`nfjax.eval_metrics.class_counts`: the int32 [K, K] confusion matrix, or per-class
-    vectors for very large K).
+    vectors for very large K). ``with_probs``: also the per-example ``probs`` float32 [B, K] (softmax), ``labels``
+    and ``mask`` [B], for the exact ROC-AUC computed on the host.
     """
 
     def eval_step(params, batch_stats, batch):
@@ -103,12 +104,15 @@ def make_eval_step(graphdef, loss_fn) -> Callable[[dict, dict, dict], dict]:
         correct5 = jnp.any(topk == labels[:, None], axis=-1)
         correct1 = topk[:, 0] == labels
         per_example = loss_fn(logits, labels)
-        return dict(
+        sums = dict(
             count=jnp.sum(mask),
             top1=jnp.sum(correct1 * mask),
             top5=jnp.sum(correct5 * mask),
             loss=jnp.sum(per_example * mask),
             **class_counts(labels, topk[:, 0], mask, logits.shape[-1]),
         )
+        if with_probs:
+            sums.update(probs=jax.nn.softmax(logits.astype(jnp.float32), axis=-1), labels=labels, mask=mask)
+        return sums
 
     return eval_step
