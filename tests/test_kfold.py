@@ -5,6 +5,9 @@ config and with --roc-auc: tests/test_eval_metrics.py (it reuses that module's 2
 import hashlib
 import io
 import itertools
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -23,7 +26,7 @@ from nfjax.eval_metrics import (
     roc_auc_report,
 )
 
-from helpers import assert_clean_error, nf_args
+from helpers import ROOT, assert_clean_error, nf_args
 
 CLASS_SIZES = (7, 5, 4)  # a 3-class folder: K = 3 fits every class, K = 5 does not (class_2 has 4 images)
 ITERATOR_ARGS = {"device_count": 1, "process_count": 1, "process_index": 0}
@@ -213,3 +216,22 @@ def test_fold_note_and_split_name():
         "examples) instead of data.eval_split='test'. Evaluate the held-out split afterwards with: "
         "python -m nfjax.evaluate --workdir DIR --split test"
     )
+
+
+def test_cv_summary_script(tmp_path):
+    """scripts/cv_summary.py: mean and sample std of the fold runs' final metrics, by hand."""
+    script = ROOT / "scripts" / "cv_summary.py"
+    for k, (top1, loss) in enumerate([(0.8, 0.5), (0.9, 0.3), (0.7, 0.4)]):
+        (tmp_path / str(k)).mkdir()
+        final = {"step": 6, "eval": {"top1": top1, "loss": loss, "examples": 100}, "eval_ema": {"top1": top1 / 2}}
+        (tmp_path / str(k) / "final_metrics.json").write_text(json.dumps(final))
+    runs = [str(tmp_path / str(k)) for k in range(3)]
+    done = subprocess.run([sys.executable, str(script), *runs], capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout)
+    assert result["steps"] == [6, 6, 6]
+    assert result["eval"]["top1"]["mean"] == pytest.approx(0.8)
+    assert result["eval"]["top1"]["std"] == pytest.approx(0.1)  # sqrt((0.01 + 0.01 + 0) / 2)
+    assert result["eval"]["loss"]["std"] == pytest.approx(0.1) and result["eval"]["examples"]["std"] == 0
+    assert result["eval_ema"]["top1"]["mean"] == pytest.approx(0.4)
+    missing = subprocess.run([sys.executable, str(script), str(tmp_path / "nope")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "final_metrics.json not found" in missing.stderr
