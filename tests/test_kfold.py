@@ -235,3 +235,19 @@ def test_cv_summary_script(tmp_path):
     assert result["eval_ema"]["top1"]["mean"] == pytest.approx(0.4)
     missing = subprocess.run([sys.executable, str(script), str(tmp_path / "nope")], capture_output=True, text=True)
     assert missing.returncode == 2 and "final_metrics.json not found" in missing.stderr
+
+
+def test_folds_cut_the_train_part_and_leave_holdout_whole(folder):
+    cfg = _folder_cfg(folder, fold=0)
+    cfg.train_split, cfg.holdout_fraction = "train", 1 / 3
+    holdout = set(_names(folds.eval_source(cfg, "holdout")))  # the test split, as nfjax.evaluate --split reads it
+    train_part = set(_names(data.sources.ImageFolderSource(str(folder), "train", 1 / 3)))
+    assert len(holdout) == 2 + 2 + 1 and not holdout & train_part  # round(n / 3) per class
+    held_out = [set(_names(folds.eval_source(_folder_cfg_train(cfg, k)))) for k in range(3)]
+    assert set().union(*held_out) == train_part and sum(map(len, held_out)) == len(train_part)
+
+
+def _folder_cfg_train(cfg, fold):
+    cfg = cfg.copy_and_resolve_references()
+    cfg.fold = fold
+    return cfg
