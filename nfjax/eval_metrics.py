@@ -14,6 +14,9 @@ of 1024 on 8 simulated devices), no one-hot matmul.
 On the host: :func:`classification_report` turns the summed counts into per-class precision, recall, F1 and
 support, macro and support-weighted averages. A class never predicted has precision 0, a class without examples
 recall 0, and F1 is 0 where precision + recall is 0 (scikit-learn's ``zero_division=0``).
+
+One-vs-rest ROC-AUC (``python -m nfjax.evaluate --roc-auc``): :func:`roc_auc_report` on the host, from every
+example's softmax probabilities gathered over the whole split (exact, not binned; see :func:`binary_roc_auc`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ SUMMARY_KEYS = (
 )
 DETAIL_KEYS = ("per_class", "confusion_matrix")  # lists: in eval reports, never in metrics.jsonl rows
 COUNT_KEYS = ("confusion", "true_positives", "predicted", "support")
+MAX_ROC_AUC_CLASSES = 1000  # ImageNet's 1000 classes: 1000 sorts of the split's scores on the host, seconds
+MAX_ROC_AUC_VALUES = 200_000_000  # examples * classes: 0.8 GB of float32 probabilities gathered on the host
 
 
 def class_counts(labels: jax.Array, preds: jax.Array, mask: jax.Array, num_classes: int) -> dict[str, jax.Array]:
@@ -100,15 +105,89 @@ def split_details(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
 
 
 def format_table(report: dict[str, Any], title: str = "") -> str:
-    """A plain-text table: one row per class (name, precision, recall, F1, support), then macro and weighted."""
+    """A plain-text table: one row per class (name, precision, recall, F1, support, and ROC-AUC when the report has
+    it; '-' where undefined), then macro and weighted averages."""
     rows = report["per_class"]
+    auc = "macro_roc_auc" in report
     width = max([len("weighted avg"), *(len(r["name"]) for r in rows)])
-    line = lambda name, p, r, f, s: f"{name:<{width}}  {p:>9.4f}  {r:>9.4f}  {f:>9.4f}  {s:>9}"
+    number = lambda v: f"{v:>9.4f}" if v is not None else f"{'-':>9}"
+    line = lambda name, p, r, f, s, a=None: (
+        f"{name:<{width}}  {p:>9.4f}  {r:>9.4f}  {f:>9.4f}  {s:>9}" + (f"  {number(a)}" if auc else "")
+    )
     out = [title] if title else []
-    out.append(f"{'class':<{width}}  {'precision':>9}  {'recall':>9}  {'f1':>9}  {'support':>9}")
-    out += [line(r["name"], r["precision"], r["recall"], r["f1"], r["support"]) for r in rows]
+    header = f"{'class':<{width}}  {'precision':>9}  {'recall':>9}  {'f1':>9}  {'support':>9}"
+    out.append(header + (f"  {'roc_auc':>9}" if auc else ""))
+    out += [line(r["name"], r["precision"], r["recall"], r["f1"], r["support"], r.get("roc_auc")) for r in rows]
     total = sum(r["support"] for r in rows)
     for kind in ("macro", "weighted"):
         values = (report[f"{kind}_{m}"] for m in ("precision", "recall", "f1"))
-        out.append(line(f"{kind} avg", *values, total))
+        out.append(line(f"{kind} avg", *values, total, report.get(f"{kind}_roc_auc")))
     return "\n".join(out)
+
+
+def check_roc_auc_size(num_classes: int, num_examples: int) -> None:
+    """ValueError when the split's probabilities (``num_examples`` x ``num_classes`` float32) are too many to gather
+    on the host, or the classes too many to rank one by one."""
+    if num_classes > MAX_ROC_AUC_CLASSES:
+        raise ValueError(
+            f"--roc-auc: {num_classes} classes exceed the limit of {MAX_ROC_AUC_CLASSES} (one ranking of the whole "
+            "split per class); evaluate without --roc-auc"
+        )
+    if num_classes * num_examples > MAX_ROC_AUC_VALUES:
+        raise ValueError(
+            f"--roc-auc: {num_examples} examples x {num_classes} classes = {num_classes * num_examples} probabilities "
+            f"exceed the limit of {MAX_ROC_AUC_VALUES} held on the host; evaluate a smaller split (--split) or "
+            "without --roc-auc"
+        )
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """float64 [N] ranks 1..N of ``values`` [N] in increasing order; tied values share the mean of their ranks."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # first position of each run of ties
+    ends = np.r_[starts[1:], len(values)]
+    mean_rank = (starts + ends + 1) / 2.0  # mean of the 1-based ranks starts+1 ... ends
+    ranks = np.empty(len(values), np.float64)
+    ranks[order] = np.repeat(mean_rank, ends - starts)
+    return ranks
+
+
+def binary_roc_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve of ``scores`` [N] for the 0/1 ``positive`` [N]; None without positives or negatives.
+
+    Mann-Whitney: AUC = (R+ - n+(n+ + 1)/2) / (n+ n-), R+ the sum of the positives' average ranks; equal to the
+    probability that a random positive outscores a random negative, ties counted 1/2 (the trapezoidal area)."""
+    positive = np.asarray(positive, bool)
+    num_pos = int(positive.sum())
+    num_neg = len(positive) - num_pos
+    if num_pos == 0 or num_neg == 0:
+        return None
+    rank_sum = average_ranks(np.asarray(scores))[positive].sum()
+    return float((rank_sum - num_pos * (num_pos + 1) / 2.0) / (num_pos * num_neg))
+
+
+def roc_auc_report(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """One-vs-rest ROC-AUC of ``probs`` float [N, K] against ``labels`` int [N]: ``per_class_roc_auc`` (K floats,
+    None for a class without examples in the split, or when every example is of that class), ``macro_roc_auc``
+    (the mean over the classes that have a value; scikit-learn's ``roc_auc_score(multi_class='ovr',
+    average='macro')`` when every class is present) and ``weighted_roc_auc`` (weighted by support); None when no
+    class has a value."""
+    labels = np.asarray(labels)
+    per_class = [binary_roc_auc(probs[:, k], labels == k) for k in range(probs.shape[1])]
+    support = np.bincount(labels, minlength=probs.shape[1])
+    defined = [k for k, auc in enumerate(per_class) if auc is not None]
+    values = np.array([per_class[k] for k in defined])
+    weights = support[defined]
+    return {
+        "macro_roc_auc": float(values.mean()) if defined else None,
+        "weighted_roc_auc": float((values * weights).sum() / weights.sum()) if defined else None,
+        "per_class_roc_auc": per_class,
+    }
+
+
+def add_roc_auc(report: dict[str, Any], auc: dict[str, Any]) -> dict[str, Any]:
+    """``report`` with the macro / weighted ROC-AUC beside the other averages and ``roc_auc`` in each per-class row."""
+    rows = [row | {"roc_auc": value} for row, value in zip(report["per_class"], auc["per_class_roc_auc"], strict=True)]
+    averages = {k: auc[k] for k in ("macro_roc_auc", "weighted_roc_auc")}
+    return report | averages | {"per_class": rows}

@@ -1,5 +1,5 @@
 """Evaluation of a training run: ``python -m nfjax.evaluate --workdir DIR [--split SPLIT] [--batch N]
-[--confusion-png PATH] [--no-table] [--tta flip]``.
+[--confusion-png PATH] [--no-table] [--tta flip] [--roc-auc]``.
 
 Reads the run's config from the workdir, restores the weights of the newest checkpoint (params, BN statistics,
 EMA; no optimizer state) into the shardings of the current device mesh (any device count: the run may have
@@ -12,6 +12,10 @@ split, and prints one JSON object:
                     "support": 1000}, ...],
      "confusion_matrix": [[...], ...],                                     # rows true, columns predicted
      "ema": {the same keys for the EMA weights}}                            # "ema" only with EMA weights
+
+``--roc-auc`` adds the one-vs-rest ROC-AUC: ``macro_roc_auc``, ``weighted_roc_auc`` and ``roc_auc`` in each
+``per_class`` row (null for a class without examples in the split). A cross-validation run (data.num_folds) is
+evaluated on its held-out fold by default; ``--split`` names a whole split instead (e.g. the test split).
 
 ``confusion_matrix`` is printed up to ``JSON_CONFUSION_CLASSES`` classes. A per-class table goes to stderr
 (``--no-table``: none); ``--confusion-png PATH`` draws the confusion matrix of the EMA weights (when the run keeps
@@ -31,6 +35,7 @@ from nfjax.host_devices import configure_host_devices
 
 configure_host_devices()  # before JAX starts, as for training
 
+from nfjax import data as data_lib
 from nfjax import parallel
 from nfjax.cli import run_parsed
 from nfjax.confusion_png import draw_confusion
@@ -47,19 +52,21 @@ def evaluate_workdir(
     batch: int | None = None,
     data_dir: str | None = None,
     tta: str = "none",
+    roc_auc: bool = False,
 ) -> dict[str, Any]:
     """Top-1/top-5/loss/example count and per-class precision/recall/F1 (with macro and weighted averages and
     the confusion matrix) of the raw (and EMA) weights of the newest checkpoint over ``split`` (default: the
     run's eval split), every example counted exactly once. A folder of converted weights is evaluated on
     ImageNet's validation split with the preprocessing its weights expect (``data_dir``: where TFDS keeps
     ImageNet, default the folder's config). ``tta``: 'none' or 'flip' (test-time augmentation: the mean softmax
-    of each image and its mirror); with 'flip' the result carries ``tta='flip'``."""
+    of each image and its mirror); with 'flip' the result carries ``tta='flip'``. ``roc_auc``: also the
+    one-vs-rest ROC-AUC, per class and averaged (of the TTA-averaged probabilities with ``tta='flip'``)."""
     if tta not in EVAL_TTA_MODES:
         raise ValueError(f"--tta must be one of {', '.join(EVAL_TTA_MODES)} for evaluation, got {tta!r}")
     parallel.initialize_distributed()  # multi-process only when the environment describes a cluster
     run = load_run(workdir, eval_split=split, eval_batch=batch, data_dir=data_dir)
-    results = run.experiment.evaluate(run.weights, tta)
-    out = dict(step=run.step, split=run.experiment.cfg.data.eval_split)
+    results = run.experiment.evaluate(run.weights, tta, roc_auc=roc_auc)
+    out = dict(step=run.step, split=data_lib.eval_split_name(run.experiment.cfg.data))
     out |= dict(tta=tta) if tta != "none" else {}
     out |= results["eval"]
     if "eval_ema" in results:
@@ -99,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--workdir", required=True, help="the --workdir of a training run, or a folder of converted weights"
     )
-    parser.add_argument("--split", default=None, help="dataset split (default: the run's data.eval_split)")
+    parser.add_argument(
+        "--split", default=None, help="dataset split (default: the run's data.eval_split, or its held-out fold)"
+    )
     parser.add_argument("--batch", type=int, default=None, help="global eval batch (default: the run's)")
     parser.add_argument("--data-dir", default=None, help="the dataset's folder (default: the run's data.data_dir)")
     parser.add_argument(
@@ -112,12 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="flip: evaluate the mean softmax of each image and its mirror (five-crop is predict-only)",
     )
+    parser.add_argument(
+        "--roc-auc", action="store_true", help="add the one-vs-rest ROC-AUC per class, macro and weighted (exact)"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     def run(args):
-        result = evaluate_workdir(args.workdir, args.split, args.batch, args.data_dir, args.tta)
+        result = evaluate_workdir(args.workdir, args.split, args.batch, args.data_dir, args.tta, args.roc_auc)
         return report_outputs(result, table=not args.no_table, png=args.confusion_png)
 
     code, result = run_parsed(build_parser(), argv, run)

@@ -32,7 +32,7 @@ from flax import nnx
 from nfjax import data as data_lib
 from nfjax import finetune, optim, parallel
 from nfjax.checkpoint import Checkpointer, abstract_like, check_compatible
-from nfjax.eval_metrics import COUNT_KEYS, classification_report
+from nfjax.eval_metrics import COUNT_KEYS, add_roc_auc, check_roc_auc_size, classification_report, roc_auc_report
 from nfjax.losses import BCE_REDUCTIONS, LOSSES, make_loss_fn
 from nfjax.models import create_model, model_metadata
 from nfjax.steps import make_eval_step, make_train_step
@@ -290,42 +290,61 @@ class Experiment:
         return self.tta_eval_step("none")
 
     @functools.cached_property
-    def _eval_steps(self) -> dict[str, Callable[[dict, dict, dict], dict]]:
-        return {}  # test-time augmentation mode -> its jitted eval step
+    def _eval_steps(self) -> dict[tuple[str, bool], Callable[[dict, dict, dict], dict]]:
+        return {}  # (test-time augmentation mode, with probabilities) -> its jitted eval step
 
-    def tta_eval_step(self, tta: str) -> Callable[[dict, dict, dict], dict]:
-        """The jitted eval step with test-time augmentation ``tta`` (see :func:`nfjax.steps.make_eval_step`)."""
-        if tta not in self._eval_steps:
-            self._eval_steps[tta] = jax.jit(make_eval_step(self.graphdef, make_loss_fn("softmax_xent"), tta))
-        return self._eval_steps[tta]
+    def tta_eval_step(self, tta: str, with_probs: bool = False) -> Callable[[dict, dict, dict], dict]:
+        """The jitted eval step with test-time augmentation ``tta`` (see :func:`nfjax.steps.make_eval_step`).
+        ``with_probs``: it also returns every example's softmax probabilities, label and mask, replicated on
+        every device and host (``--roc-auc`` ranks the whole split on the host)."""
+        if (tta, with_probs) not in self._eval_steps:
+            step = make_eval_step(self.graphdef, make_loss_fn("softmax_xent"), tta, with_probs)
+            shardings = parallel.replicated(self.mesh) if with_probs else None
+            self._eval_steps[tta, with_probs] = jax.jit(step, out_shardings=shardings)
+        return self._eval_steps[tta, with_probs]
 
-    def evaluate_split(self, params: dict, batch_stats: dict, tta: str = "none") -> dict[str, Any]:
+    def evaluate_split(
+        self, params: dict, batch_stats: dict, tta: str = "none", roc_auc: bool = False
+    ) -> dict[str, Any]:
         """Top-1/top-5/loss and per-class precision/recall/F1 of ``params`` over the whole eval split
         (data.eval_split, batch train.eval_batch), every example counted exactly once: the scalars of
         :data:`nfjax.eval_metrics.SUMMARY_KEYS` beside top1/top5/loss/examples, and the lists ``per_class`` and
         ``confusion_matrix`` (K <= MAX_CONFUSION_CLASSES), see :func:`nfjax.eval_metrics.classification_report`.
         ``tta``: 'none' or 'flip' (the mean softmax of each image and its mirror, see
-        :func:`nfjax.steps.make_eval_step`)."""
-        step = self.tta_eval_step(tta)  # an unknown mode fails here, before any data is read
+        :func:`nfjax.steps.make_eval_step`). ``roc_auc``: also the one-vs-rest ROC-AUC
+        (:func:`nfjax.eval_metrics.roc_auc_report`) of the real examples' gathered probabilities (padding rows
+        left out)."""
+        if roc_auc:
+            check_roc_auc_size(self.info.num_classes, self.info.num_eval_examples)
+        step = self.tta_eval_step(tta, roc_auc)  # an unknown mode fails here, before any data is read
         global_batch = self.cfg.train.eval_batch or self.cfg.train.global_batch
         sums: dict[str, Any] = {}
+        scores, labels = [], []
         for b in data_lib.build_eval_iterator(self.cfg.data, global_batch=global_batch, mesh=self.mesh):
-            for k, v in jax.device_get(step(params, batch_stats, b)).items():
+            out = jax.device_get(step(params, batch_stats, b))
+            if roc_auc:
+                real = np.asarray(out.pop("mask")) > 0
+                scores.append(np.asarray(out.pop("probs"))[real])
+                labels.append(np.asarray(out.pop("labels"))[real])
+            for k, v in out.items():
                 v = np.asarray(v, np.int64) if k in COUNT_KEYS else float(v)  # per-class counts: exact integers
                 sums[k] = sums[k] + v if k in sums else v
         count = int(round(sums.get("count", 0)))
         if count != self.info.num_eval_examples:
             raise RunError(f"evaluation counted {count} examples, expected {self.info.num_eval_examples}")
         report = classification_report({k: sums[k] for k in COUNT_KEYS if k in sums}, self.info.class_names)
+        if roc_auc:
+            report = add_roc_auc(report, roc_auc_report(np.concatenate(scores), np.concatenate(labels)))
         means = dict(top1=sums["top1"] / count, top5=sums["top5"] / count, loss=sums["loss"] / count)
         return means | dict(examples=count) | report
 
-    def evaluate(self, weights: dict, tta: str = "none") -> dict[str, dict]:
-        """``{'eval': metrics of the params, 'eval_ema': metrics of the EMA weights (when present)}``."""
+    def evaluate(self, weights: dict, tta: str = "none", roc_auc: bool = False) -> dict[str, dict]:
+        """``{'eval': metrics of the params, 'eval_ema': metrics of the EMA weights (when present)}``; ``tta`` and
+        ``roc_auc`` as in :meth:`evaluate_split`."""
         stats = weights.get("batch_stats", {})
-        results = {"eval": self.evaluate_split(weights["params"], stats, tta)}
+        results = {"eval": self.evaluate_split(weights["params"], stats, tta, roc_auc)}
         if "ema" in weights:
-            results["eval_ema"] = self.evaluate_split(weights["ema"], stats, tta)
+            results["eval_ema"] = self.evaluate_split(weights["ema"], stats, tta, roc_auc)
         return results
 
 
@@ -392,7 +411,9 @@ def load_run(
     """The newest checkpoint of the run in ``workdir`` on a mesh of ``num_devices`` (default: every visible
     device), with the run's config (``eval_split`` / ``eval_batch`` replace its data.eval_split /
     train.eval_batch, ``data_dir`` its data.data_dir; ``info`` replaces the dataset's, for prediction without
-    it). Reads params, batch statistics and EMA only: no optimizer is built or restored."""
+    it). Reads params, batch statistics and EMA only: no optimizer is built or restored. A cross-validation
+    run (data.num_folds) evaluates its held-out fold by default; an explicit ``eval_split`` is read whole, folds
+    off."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir} does not exist; pass the --workdir of a training run")
@@ -402,6 +423,8 @@ def load_run(
             f"{workdir} holds no checkpoints folder: the run saved no checkpoint yet (checkpoints are written "
             "every train.checkpoint_every_steps steps and at the end of a run)"
         )
+    if eval_split and cfg.data.get("num_folds", 0):
+        cfg.data.num_folds, cfg.data.fold = 0, 0  # the split named, not the run's held-out fold
     cfg.data.eval_split = eval_split or cfg.data.eval_split
     cfg.train.eval_batch = eval_batch or cfg.train.eval_batch
     cfg.data.data_dir = data_dir or cfg.data.data_dir

@@ -107,7 +107,9 @@ def make_train_step(
 EVAL_TTA_MODES = ("none", "flip")
 
 
-def make_eval_step(graphdef, loss_fn, tta: str = "none") -> Callable[[dict, dict, dict], dict]:
+def make_eval_step(
+    graphdef, loss_fn, tta: str = "none", with_probs: bool = False
+) -> Callable[[dict, dict, dict], dict]:
     """``eval_step(params, batch_stats, batch) -> sums``: masked sums over the global batch.
 
     Returns count (real examples), top1/top5 correct counts and the summed loss, so metrics are exact
@@ -117,7 +119,8 @@ def make_eval_step(graphdef, loss_fn, tta: str = "none") -> Callable[[dict, dict
 
     ``tta='flip'``: each image and its mirror are evaluated and the metrics are those of the mean of their two
     softmax probabilities p: top-1/top-5 rank p, the loss is -log p[label] (:func:`mean_view_log_probs` stands
-    in for the logits).
+    in for the logits). ``with_probs``: also the per-example ``probs`` float32 [B, K] (softmax of those
+    logits), ``labels`` and ``mask`` [B], for the exact ROC-AUC computed on the host.
     """
     if tta not in EVAL_TTA_MODES:
         raise ValueError(f"--tta must be one of {', '.join(EVAL_TTA_MODES)} for evaluation, got {tta!r}")
@@ -135,12 +138,15 @@ def make_eval_step(graphdef, loss_fn, tta: str = "none") -> Callable[[dict, dict
         correct5 = jnp.any(topk == labels[:, None], axis=-1)
         correct1 = topk[:, 0] == labels
         per_example = loss_fn(logits, labels)
-        return dict(
+        sums = dict(
             count=jnp.sum(mask),
             top1=jnp.sum(correct1 * mask),
             top5=jnp.sum(correct5 * mask),
             loss=jnp.sum(per_example * mask),
             **class_counts(labels, topk[:, 0], mask, logits.shape[-1]),
         )
+        if with_probs:
+            sums.update(probs=jax.nn.softmax(logits.astype(jnp.float32), axis=-1), labels=labels, mask=mask)
+        return sums
 
     return eval_step

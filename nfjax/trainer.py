@@ -293,6 +293,9 @@ class TrainingLoop:
                 )
         if start:
             self.progress.write(f"resuming from the checkpoint at step {start} in {self.workdir}")
+        folds = data_lib.fold_note(exp.cfg.data, exp.info.num_train_examples, exp.info.num_eval_examples)
+        if folds:
+            self.progress.write(folds)
 
     def _check_finite(self, metrics: dict, step: int, state: dict) -> None:
         """A non-finite loss (the step left the weights untouched) stops the run, naming the step (numbered as
@@ -338,7 +341,7 @@ class TrainingLoop:
     def _evaluate(self, state: dict, step: int) -> dict:
         """Evaluates raw (and EMA) weights: scalars (top1/top5/loss, macro and weighted P/R/F1) to metrics.jsonl,
         the per-class report of this evaluation to ``eval_report.json``; returns the scalars."""
-        results, details = {"step": step}, {"step": step, "split": self.exp.cfg.data.eval_split}
+        results, details = {"step": step}, {"step": step, "split": data_lib.eval_split_name(self.exp.cfg.data)}
         for split, metrics in self.exp.evaluate(state).items():
             results[split], details[split] = split_details(metrics)[0], metrics
             self.writer.write(step, split, results[split])

@@ -3,6 +3,7 @@ padded multi-device batch, the evaluate CLI's JSON, table and PNG, and the train
 
 import io
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -186,3 +187,29 @@ def test_evaluate_flip_tta_scores_the_mean_softmax_of_each_image_and_its_mirror(
 def softmax(logits):
     e = np.exp(logits - logits.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
+
+
+def test_evaluate_cli_on_a_cross_validation_run_and_with_roc_auc(run2, tmp_path, capsys):
+    """A run whose config holds folds is evaluated on its held-out fold by default; --split names a whole split
+    (folds off there), here with --roc-auc."""
+    workdir = tmp_path / "cv"
+    shutil.copytree(run2, workdir)
+    config = json.loads((workdir / "config.json").read_text())
+    config["data"].update(train_split="train[:1280]", num_folds=5, fold=2)  # fold sizes: 260, 259, 256, 253, 252
+    (workdir / "config.json").write_text(json.dumps(config))
+    assert evaluate_lib.main(["--workdir", str(workdir), "--no-table"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "train[:1280] fold 2 of 5" and result["examples"] == 256
+    assert "macro_roc_auc" not in result and "roc_auc" not in result["per_class"][0]
+
+    assert evaluate_lib.main(["--workdir", str(workdir), "--split", "test[:300]", "--roc-auc"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["split"] == "test[:300]" and result["examples"] == 300
+    aucs = [r["roc_auc"] for r in result["per_class"]]
+    assert all(0 <= a <= 1 for a in aucs)  # every class is in test[:300]
+    support = [r["support"] for r in result["per_class"]]
+    assert result["macro_roc_auc"] == pytest.approx(np.mean(aucs), abs=1e-12)
+    assert result["weighted_roc_auc"] == pytest.approx(np.dot(aucs, support) / 300, abs=1e-12)
+    assert any(line.split()[-1] == "roc_auc" for line in captured.err.splitlines())
+    assert "ema" not in result or len(result["ema"]["per_class"][0]) == len(result["per_class"][0])

@@ -17,6 +17,8 @@ API (``cfg`` is the ``data`` ConfigDict from ``default_data_config()``; every fi
                       process_index=None, process_count=None, device_count=None) -> Iterator[dict]
   to_global_batch(batch, mesh, data_axis='data') -> dict[str, jax.Array]
   bad_files(cfg) -> [(path, reason)]                             # image-folder files left out (unusable)
+  eval_split_name(cfg) -> str      # data.eval_split, or 'train fold 2 of 5' with data.num_folds (folds.py)
+  fold_note(cfg, num_train, num_eval) -> str | None              # the trainer's cross-validation line
   prepare_fashion_mnist(data_dir, source_dir='/usr/share/datasets/fashion-mnist') -> str
   OFFLINE_PREPARERS: dict[name, (data_dir, source_dir=default) -> str]   # datasets prepared from local files
   prepare_offline(cfg) -> None     # runs OFFLINE_PREPARERS[cfg.dataset] on cfg.data_dir if present, else no-op
@@ -32,6 +34,7 @@ Training batch ``start_step`` of a resumed pipeline equals the batch at that ste
 
 from nfjax.data.config import default_data_config, fashion_mnist_data_config
 from nfjax.data.fashion_mnist import prepare_fashion_mnist
+from nfjax.data.folds import eval_split_name, fold_note
 from nfjax.data.offline import OFFLINE_PREPARERS, prepare_offline
 from nfjax.data.pipeline import DatasetInfo, build_eval_iterator, build_train_iterator, dataset_info, source_info
 from nfjax.data.sharding import check_global_batch, to_global_batch
@@ -47,7 +50,9 @@ __all__ = [
     "check_global_batch",
     "dataset_info",
     "default_data_config",
+    "eval_split_name",
     "fashion_mnist_data_config",
+    "fold_note",
     "prepare_fashion_mnist",
     "prepare_offline",
     "source_info",

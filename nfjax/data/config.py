@@ -25,6 +25,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.train_split = "train"  # TFDS split syntax works: "train[:90%]"
     c.eval_split = "validation"
     c.holdout_fraction = 0.0  # image_folder only: fraction of each class kept for split "holdout"
+    c.num_folds = 0  # K >= 2: k-fold cross-validation of train_split (nfjax/data/folds.py); 0: off
+    c.fold = 0  # with num_folds: train on train_split minus this fold, evaluate on it (instead of eval_split)
     c.max_bad_fraction = (
         DEFAULT_MAX_BAD_FRACTION  # image_folder only: unusable files are skipped and listed; more is an error
     )
@@ -83,6 +85,23 @@ def check_data_config(cfg: ml_collections.ConfigDict) -> None:
     for field, valid in DATA_CHOICES.items():
         if cfg.get(field) not in valid:
             raise ValueError(f"data.{field}={cfg.get(field)!r} is invalid; valid: {', '.join(map(repr, valid))}")
+    check_fold_config(cfg)
+
+
+def check_fold_config(cfg) -> None:
+    """ValueError naming the field when data.num_folds / data.fold cannot describe a fold."""
+    num_folds, fold = cfg.get("num_folds", 0), cfg.get("fold", 0)
+    if not isinstance(num_folds, int) or num_folds == 1 or num_folds < 0:
+        raise ValueError(
+            f"data.num_folds={num_folds!r} is invalid: use 0 (no cross-validation) or a fold count K >= 2 "
+            "(e.g. --config.data.num_folds=5)"
+        )
+    if num_folds == 0 and fold != 0:
+        raise ValueError(f"data.fold={fold!r} needs data.num_folds >= 2 (e.g. --config.data.num_folds=5)")
+    if num_folds and (not isinstance(fold, int) or not 0 <= fold < num_folds):
+        raise ValueError(
+            f"data.fold={fold!r} is out of range for data.num_folds={num_folds}: use 0 ... {num_folds - 1}"
+        )
 
 
 def fashion_mnist_data_config(data_dir: str = DEFAULT_DATA_DIR) -> ml_collections.ConfigDict:

@@ -16,8 +16,9 @@ from typing import NamedTuple
 
 from nfjax.data import numpy_backend, sharding, tfdata_backend
 from nfjax.data.config import check_data_config, mean_std
+from nfjax.data.folds import eval_source, train_source
 from nfjax.data.mix import mix_batch, mix_rng, needs_label_probs, randaugment_after_mix
-from nfjax.data.sources import ImageFolderSource, SourceInfo, make_source
+from nfjax.data.sources import ImageFolderSource, SourceInfo
 
 
 class DatasetInfo(NamedTuple):
@@ -73,10 +74,11 @@ def batch_image_shape(cfg, info: SourceInfo, train: bool = True) -> tuple[int, i
 
 def dataset_info(cfg) -> DatasetInfo:
     """Example counts, classes and batch image shape from the dataset's metadata (no pixel is decoded; an
-    image folder without data.image_size has its image headers read once, see ``source_info``)."""
+    image folder without data.image_size has its image headers read once, see ``source_info``). With
+    cross-validation folds (data.num_folds) the counts are those of the fold subsets, see nfjax/data/folds.py."""
     check_data_config(cfg)
-    train = source_info(make_source(cfg, cfg.train_split), cfg)
-    evaluation = make_source(cfg, cfg.eval_split).info()
+    train = source_info(train_source(cfg), cfg)
+    evaluation = eval_source(cfg).info()
     return DatasetInfo(
         num_train_examples=cfg.num_train_examples or train.num_examples,
         num_eval_examples=evaluation.num_examples,
@@ -149,7 +151,7 @@ def build_train_iterator(
     check_data_config(cfg)
     plan = _plan(global_batch, mesh, process_index, process_count, device_count)
     seed = cfg.seed if seed is None else seed
-    source = make_source(cfg, cfg.train_split)
+    source = train_source(cfg)
     info = source_info(source, cfg)
     size = _train_size(cfg, info)  # checked on both paths: fails early when no size can be used
     num_examples = cfg.num_train_examples or info.num_examples
@@ -187,13 +189,14 @@ def build_eval_iterator(
     process_count: int | None = None,
     device_count: int | None = None,
 ) -> Iterator[dict]:
-    """One pass over ``split`` (default cfg.eval_split): {'image', 'label', 'mask' float32 [b]}.
+    """One pass over ``split`` (default cfg.eval_split, or the held-out fold with data.num_folds): {'image',
+    'label', 'mask' float32 [b]}.
 
     Every example is counted exactly once (sum of 'mask' over all hosts = split size) and every host runs
     the same number of steps, ceil(largest host block / local batch); padded rows have mask 0.
     """
     plan = _plan(global_batch, mesh, process_index, process_count, device_count)
-    source = make_source(cfg, split or cfg.eval_split)
+    source = eval_source(cfg, split)
     info = source_info(source, cfg, train=False)
     mean, std = mean_std(cfg, info.image_shape[-1])
     if resolve_backend(cfg, info, train=False) == "numpy":
