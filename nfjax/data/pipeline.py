@@ -162,28 +162,32 @@ def build_train_iterator(
         batches = numpy_backend.train_batches(arrays, cfg, plan, num_examples, seed, start_step, mean, std, probs)
     else:
         stages = tfdata_backend.make_train_stages(cfg, info.image_shape[-1], size, mean, std, info.num_classes, seed)
-        args = (cfg, plan, num_examples, seed, start_step, stages)
-        if fits_in_memory(cfg, info):
-            arrays = source.load_arrays()
-            probs = _balanced_probs(cfg, arrays[1], num_examples)
-            batches = tfdata_backend.in_memory_train_batches(arrays, *args, probs)
-        elif _balanced(cfg) and isinstance(source, ImageFolderSource):
-            probs = _balanced_probs(cfg, source.labels, num_examples)
-            batches = tfdata_backend.folder_train_batches(source, *args, probs)
-        elif _balanced(cfg):
-            raise ValueError(
-                f"data.balanced_sampling={cfg.balanced_sampling} draws examples by index, which the streamed TFDS "
-                f"split '{cfg.dataset}' {cfg.train_split} cannot do (it is not cached in memory): set "
-                "data.cache_in_memory=True if the split fits in host memory, or data.balanced_sampling=0 "
-                "(train.class_weights reweighs the loss instead)"
-            )
-        else:
-            batches = tfdata_backend.streaming_train_batches(source, *args)
+        batches = _tfdata_train_batches(source, info, cfg, plan, num_examples, seed, start_step, stages)
         if randaugment_after_mix(cfg):  # mixed inside tf.data, before RandAugment
             return _deliver(batches, cfg.prefetch, mesh)
     if needs_label_probs(cfg):
         batches = _mixed(batches, cfg, info.num_classes, seed, start_step, plan.process_index)
     return _deliver(batches, cfg.prefetch, mesh)
+
+
+def _tfdata_train_batches(
+    source, info: SourceInfo, cfg, plan, num_examples, seed, start_step, stages
+) -> Iterator[dict]:
+    """The tf.data train path: in memory, an image folder read by index (class-balanced sampling), or streamed."""
+    args = (cfg, plan, num_examples, seed, start_step, stages)
+    if fits_in_memory(cfg, info):
+        arrays = source.load_arrays()
+        return tfdata_backend.in_memory_train_batches(arrays, *args, _balanced_probs(cfg, arrays[1], num_examples))
+    if not _balanced(cfg):
+        return tfdata_backend.streaming_train_batches(source, *args)
+    if isinstance(source, ImageFolderSource):
+        probs = _balanced_probs(cfg, source.labels, num_examples)
+        return tfdata_backend.folder_train_batches(source, *args, probs)
+    raise ValueError(
+        f"data.balanced_sampling={cfg.balanced_sampling} draws examples by index, which the streamed TFDS split "
+        f"'{cfg.dataset}' {cfg.train_split} cannot do (it is not cached in memory): set data.cache_in_memory=True "
+        "if the split fits in host memory, or data.balanced_sampling=0 (train.class_weights reweighs the loss instead)"
+    )
 
 
 def _balanced(cfg) -> bool:
