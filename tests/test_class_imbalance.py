@@ -165,12 +165,12 @@ def _write_folder(root):
             Image.fromarray(rng.integers(0, 256, (4, 4, 3), np.uint8)).save(root / f"c{k}" / f"{i:02d}.png")
 
 
-def _folder_cfg(root, backend, q=1.0):
+def _folder_cfg(root, backend, q=1.0, in_memory=True):
     cfg = data.default_data_config()
     cfg.dataset, cfg.data_dir, cfg.image_size, cfg.train_split = "image_folder", str(root), None, "all"
     cfg.random_resized_crop, cfg.flip, cfg.prefetch, cfg.balanced_sampling = False, False, 0, q
     cfg.mean, cfg.std = (0.0,), (1 / 255,)  # identity normalization: batches hold the stored pixels
-    cfg.backend, cfg.cache_in_memory = backend, backend == "numpy"
+    cfg.backend, cfg.cache_in_memory = backend, in_memory
     return cfg
 
 
@@ -189,13 +189,15 @@ def _same(a, b):
 
 def test_balanced_image_folder_batches_numpy_and_streamed_alike_resume_exactly_and_split_over_hosts(tmp_path):
     _write_folder(tmp_path)
-    numpy_cfg, folder_cfg = _folder_cfg(tmp_path, "numpy"), _folder_cfg(tmp_path, "tfdata")
+    numpy_cfg, tfdata_cfg = _folder_cfg(tmp_path, "numpy"), _folder_cfg(tmp_path, "tfdata")
+    folder_cfg = _folder_cfg(tmp_path, "tfdata", in_memory=False)
     full = _take(numpy_cfg, 9)  # 24 / 8 = 3 steps per epoch: 3 epochs
     labels = np.concatenate([b["label"] for b in full])
     assert np.bincount(labels, minlength=3).min() >= 12  # class 0 has 2 of 24 images, yet about 1/3 of the draws
-    streamed = _take(folder_cfg, 9)  # read file by file in the same order
-    _same(full, streamed)
+    _same(full, _take(tfdata_cfg, 9))  # tf.data in memory: the same order
+    _same(full, _take(folder_cfg, 9))  # not cached: read file by file in the same order
     _same(full[4:], _take(numpy_cfg, 5, start_step=4))  # resume inside the second epoch
+    _same(full[4:7], _take(tfdata_cfg, 3, start_step=4))
     _same(full[4:7], _take(folder_cfg, 3, start_step=4))
     hosts = [_take(numpy_cfg, 9, process_index=i, process_count=2) for i in range(2)]
     for step, batch in enumerate(full):
