@@ -56,6 +56,10 @@ def default_train_config() -> ml_collections.ConfigDict:
             loss="softmax_xent",  # 'softmax_xent' | 'sigmoid_bce' | 'focal'
             focal_gamma=2.0,
             bce_reduction="mean",  # loss='sigmoid_bce': 'mean' over classes (timm's default) | 'sum' over classes
+            # Per-class loss weights (softmax_xent, focal) from the training label counts n_c: 'none' | 'balanced'
+            # (N / (K n_c)) | 'sqrt' (n_c^-0.5) | 'effective:BETA' (Cui et al. 2019) | 'w1,w2,...' (given). See
+            # nfjax/class_weights.py and docs/training.md.
+            class_weights="none",
             compute_dtype="auto",  # 'auto' (bf16 on GPU/TPU, float32 on CPU) | 'float32' | 'bfloat16'
             num_devices=0,  # 0: every visible device
             log_every_steps=50,

@@ -32,6 +32,7 @@ from flax import nnx
 from nfjax import data as data_lib
 from nfjax import finetune, optim, parallel
 from nfjax.checkpoint import Checkpointer, abstract_like, check_compatible
+from nfjax.class_weights import ClassWeights, make_class_weights, parse_class_weights
 from nfjax.eval_metrics import COUNT_KEYS, add_roc_auc, check_roc_auc_size, classification_report, roc_auc_report
 from nfjax.losses import BCE_REDUCTIONS, LOSSES, make_loss_fn
 from nfjax.models import create_model, model_metadata
@@ -138,6 +139,13 @@ def _check_train(train_cfg: ml_collections.ConfigDict) -> None:
         )
     if train_cfg.nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"train.nonfinite={train_cfg.nonfinite!r} is invalid; valid: {', '.join(NONFINITE_POLICIES)}")
+    weights = parse_class_weights(train_cfg.get("class_weights", "none"))  # absent from configs saved by older runs
+    if weights.mode != "none" and train_cfg.loss == "sigmoid_bce":
+        raise ValueError(
+            f"train.class_weights={train_cfg.class_weights!r} applies to loss 'softmax_xent' or 'focal', not "
+            "'sigmoid_bce' (its one-vs-all terms have no single class to weigh); set train.class_weights='none' "
+            "or change train.loss"
+        )
     for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_consecutive_nonfinite"):
         if train_cfg[field] < 1:
             raise ValueError(f"train.{field}={train_cfg[field]} is invalid: must be >= 1")
@@ -274,10 +282,23 @@ class Experiment:
 
     # ------------------------------------------------------------------------------------------- steps
 
+    @functools.cached_property
+    def class_weights(self) -> ClassWeights | None:
+        """The loss's per-class weights of ``train.class_weights`` (None for 'none'), from the training label counts
+        (read once: see :func:`nfjax.data.train_label_counts`)."""
+        spec = self.cfg.train.get("class_weights", "none")  # absent from configs saved by older runs
+        if parse_class_weights(spec).mode == "none":
+            return None
+        counts = data_lib.train_label_counts(self.cfg.data)
+        return make_class_weights(spec, counts, self.info.class_names)
+
     def train_step(self) -> Callable[[dict, dict], tuple[dict, dict]]:
-        """The jitted train step (state donated)."""
+        """The jitted train step (state donated). The loss is weighted by ``class_weights``; the eval loss never is."""
         train = self.cfg.train
-        loss_fn = make_loss_fn(train.loss, focal_gamma=train.focal_gamma, bce_reduction=train.bce_reduction)
+        weights = None if self.class_weights is None else self.class_weights.weights
+        loss_fn = make_loss_fn(
+            train.loss, focal_gamma=train.focal_gamma, bce_reduction=train.bce_reduction, class_weights=weights
+        )
         skip = train.nonfinite == "skip"
         step = make_train_step(
             self.graphdef, self.optimizer, loss_fn, seed=train.seed, mesh=self.mesh, skip_nonfinite=skip

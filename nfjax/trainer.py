@@ -21,6 +21,7 @@ import numpy as np
 from nfjax import data as data_lib
 from nfjax import parallel
 from nfjax.checkpoint import Checkpointer, CheckpointSaveError, first_line
+from nfjax.class_weights import write_class_weights
 from nfjax.clipping import leaf_paths
 from nfjax.eval_metrics import split_details
 from nfjax.experiment import Experiment, RunError, build_experiment, save_config
@@ -119,6 +120,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     parallel.initialize_distributed(**cfg.distributed.to_dict())
     exp = build_experiment(cfg)
     exp.optimizer  # noqa: B018 - validates the optim section before anything is written
+    exp.class_weights  # noqa: B018 - counts the training labels, checks train.class_weights against them
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         exp.init_source  # noqa: B018 - a model.init_from of another model is refused before anything is written
     ckpt = exp.checkpointer(workdir)  # refuses another model's workdir before anything is built or written
@@ -130,6 +132,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
             print(f"model.init_from is ignored: resuming the run's own checkpoint in {workdir}", file=sys.stderr)
         save_config(cfg, workdir)
         report_bad_files(cfg.data, workdir)
+        report_class_weights(exp, workdir)
         return TrainingLoop(exp, workdir, ckpt).run(state)
     except Exception as e:
         if jax.process_count() > 1:
@@ -188,6 +191,15 @@ def report_bad_files(data_cfg: ml_collections.ConfigDict, workdir: str) -> None:
         f"all listed in {path}",
         file=sys.stderr,
     )
+
+
+def report_class_weights(exp: Experiment, workdir: str) -> None:
+    """Prints the loss's class weights in one line and writes all of them, with the label counts, to
+    ``workdir/class_weights.json`` (process 0; nothing without ``train.class_weights``)."""
+    if exp.class_weights is None or jax.process_index() != 0:
+        return
+    path = write_class_weights(exp.class_weights, workdir)
+    print(f"{exp.class_weights.summary()}; all in {path}", file=sys.stderr)
 
 
 class TrainingLoop:

@@ -16,6 +16,7 @@ API (``cfg`` is the ``data`` ConfigDict from ``default_data_config()``; every fi
   build_eval_iterator(cfg, *, global_batch, split=None, mesh=None,
                       process_index=None, process_count=None, device_count=None) -> Iterator[dict]
   to_global_batch(batch, mesh, data_axis='data') -> dict[str, jax.Array]
+  train_label_counts(cfg) -> int64 [K]        # training examples per class (train.class_weights)
   bad_files(cfg) -> [(path, reason)]                             # image-folder files left out (unusable)
   eval_split_name(cfg) -> str      # data.eval_split, or 'train fold 2 of 5' with data.num_folds (folds.py)
   fold_note(cfg, num_train, num_eval) -> str | None              # the trainer's cross-validation line
@@ -36,7 +37,14 @@ from nfjax.data.config import default_data_config, fashion_mnist_data_config
 from nfjax.data.fashion_mnist import prepare_fashion_mnist
 from nfjax.data.folds import eval_split_name, fold_note
 from nfjax.data.offline import OFFLINE_PREPARERS, prepare_offline
-from nfjax.data.pipeline import DatasetInfo, build_eval_iterator, build_train_iterator, dataset_info, source_info
+from nfjax.data.pipeline import (
+    DatasetInfo,
+    build_eval_iterator,
+    build_train_iterator,
+    dataset_info,
+    source_info,
+    train_label_counts,
+)
 from nfjax.data.sharding import check_global_batch, to_global_batch
 from nfjax.data.sources import DatasetNotFoundError, bad_files
 
@@ -57,4 +65,5 @@ __all__ = [
     "prepare_offline",
     "source_info",
     "to_global_batch",
+    "train_label_counts",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 # Per-channel mean/std in [0, 1] units. Images are normalized as (x - 255 * mean) / (255 * std).
@@ -56,6 +58,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.label_smoothing = 0.0
     c.bce_target_thresh = ml_collections.FieldReference(None, field_type=float)  # e.g. 0.2 for RSB A1
     c.repeated_aug = 1  # RSB uses 3: each image appears this many times per epoch
+    # q > 0: epochs of N draws with replacement, example i drawn with probability proportional to n_{y_i}^-q
+    # (1.0: every class equally often; 0.5: square-root balancing); 0: shuffled epochs. See docs/data.md.
+    c.balanced_sampling = 0.0
     c.grayscale_to_rgb = False
     c.mean = ml_collections.FieldReference(None, field_type=tuple)  # None: DATASET_STATS or ImageNet
     c.std = ml_collections.FieldReference(None, field_type=tuple)
@@ -85,6 +90,12 @@ def check_data_config(cfg: ml_collections.ConfigDict) -> None:
     for field, valid in DATA_CHOICES.items():
         if cfg.get(field) not in valid:
             raise ValueError(f"data.{field}={cfg.get(field)!r} is invalid; valid: {', '.join(map(repr, valid))}")
+    q = cfg.get("balanced_sampling", 0.0)  # absent from configs saved by older runs
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q) or q < 0:
+        raise ValueError(
+            f"data.balanced_sampling={q!r} is invalid: must be a number >= 0 (0: off, 0.5: square-root balancing, "
+            "1: every class equally often)"
+        )
     check_fold_config(cfg)
 
 

@@ -49,16 +49,17 @@ def augment(images: np.ndarray, cfg, rng: np.random.Generator) -> np.ndarray:
 
 
 def train_batches(
-    arrays, cfg, plan: sharding.HostPlan, num_examples: int, seed: int, start_step: int, mean, std
+    arrays, cfg, plan: sharding.HostPlan, num_examples: int, seed: int, start_step: int, mean, std, probs=None
 ) -> Iterator[dict]:
-    """Endless {'image': float32 [b, H, W, C'], 'label': int32 [b]} from global step ``start_step`` on."""
+    """Endless {'image': float32 [b, H, W, C'], 'label': int32 [b]} from global step ``start_step`` on; ``probs``
+    [num_examples]: class-balanced draws (:func:`nfjax.data.sharding.epoch_order`)."""
     images, labels = arrays
     per_epoch = sharding.steps_per_epoch(num_examples, plan.global_batch)
     step, order_epoch, order = start_step, None, None
     while True:
         epoch, step_in_epoch = divmod(step, per_epoch)
         if epoch != order_epoch:
-            order_epoch, order = epoch, sharding.epoch_order(num_examples, seed, epoch, cfg.repeated_aug)
+            order_epoch, order = epoch, sharding.epoch_order(num_examples, seed, epoch, cfg.repeated_aug, probs)
         index = order[sharding.host_step_slices(order, plan, step_in_epoch, 1)]
         rng = np.random.default_rng([seed, AUG_SALT, step, plan.process_index])
         batch_images = augment(images[index], cfg, rng)

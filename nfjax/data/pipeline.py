@@ -14,6 +14,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
+import numpy as np
+
 from nfjax.data import numpy_backend, sharding, tfdata_backend
 from nfjax.data.config import check_data_config, mean_std
 from nfjax.data.folds import eval_source, train_source
@@ -157,21 +159,71 @@ def build_train_iterator(
     num_examples = cfg.num_train_examples or info.num_examples
     mean, std = mean_std(cfg, info.image_shape[-1])
     if resolve_backend(cfg, info, train=True) == "numpy":
-        batches = numpy_backend.train_batches(
-            source.load_arrays(), cfg, plan, num_examples, seed, start_step, mean, std
-        )
+        arrays = source.load_arrays()
+        probs = _balanced_probs(cfg, arrays[1], num_examples)
+        batches = numpy_backend.train_batches(arrays, cfg, plan, num_examples, seed, start_step, mean, std, probs)
     else:
         stages = tfdata_backend.make_train_stages(cfg, info.image_shape[-1], size, mean, std, info.num_classes, seed)
-        args = (cfg, plan, num_examples, seed, start_step, stages)
-        if fits_in_memory(cfg, info):
-            batches = tfdata_backend.in_memory_train_batches(source.load_arrays(), *args)
-        else:
-            batches = tfdata_backend.streaming_train_batches(source, *args)
+        batches = _tfdata_train_batches(source, info, cfg, plan, num_examples, seed, start_step, stages)
         if randaugment_after_mix(cfg):  # mixed inside tf.data, before RandAugment
             return _deliver(batches, cfg.prefetch, mesh)
     if needs_label_probs(cfg):
         batches = _mixed(batches, cfg, info.num_classes, seed, start_step, plan.process_index)
     return _deliver(batches, cfg.prefetch, mesh)
+
+
+def _tfdata_train_batches(
+    source, info: SourceInfo, cfg, plan, num_examples, seed, start_step, stages
+) -> Iterator[dict]:
+    """The tf.data train path: in memory, an image folder read by index (class-balanced sampling), or streamed."""
+    args = (cfg, plan, num_examples, seed, start_step, stages)
+    if fits_in_memory(cfg, info):
+        arrays = source.load_arrays()
+        return tfdata_backend.in_memory_train_batches(arrays, *args, _balanced_probs(cfg, arrays[1], num_examples))
+    if not _balanced(cfg):
+        return tfdata_backend.streaming_train_batches(source, *args)
+    if isinstance(source, ImageFolderSource):
+        probs = _balanced_probs(cfg, source.labels, num_examples)
+        return tfdata_backend.folder_train_batches(source, *args, probs)
+    raise ValueError(
+        f"data.balanced_sampling={cfg.balanced_sampling} draws examples by index, which the streamed TFDS split "
+        f"'{cfg.dataset}' {cfg.train_split} cannot do (it is not cached in memory): set data.cache_in_memory=True "
+        "if the split fits in host memory, or data.balanced_sampling=0 (train.class_weights reweighs the loss instead)"
+    )
+
+
+def _balanced(cfg) -> bool:
+    return cfg.get("balanced_sampling", 0.0) > 0  # absent from configs saved by older runs
+
+
+def _balanced_probs(cfg, labels: np.ndarray, num_examples: int) -> np.ndarray | None:
+    """Per-example draw probabilities of ``data.balanced_sampling`` over the first ``num_examples`` labels (None:
+    off, shuffled epochs)."""
+    if not _balanced(cfg):
+        return None
+    return sharding.balanced_probs(labels[:num_examples], cfg.balanced_sampling)
+
+
+def train_labels(cfg) -> np.ndarray:
+    """int32 [N]: the labels of the training examples (the train split's first ``num_train_examples``, without
+    the held-out fold when data.num_folds is set): an image folder's from its file list, an in-memory split's
+    from its arrays, a streamed TFDS split's read from the records without decoding the images (with a progress
+    bar)."""
+    check_data_config(cfg)
+    source = train_source(cfg)  # minus the held-out fold with data.num_folds
+    info = source.info()
+    num_examples = cfg.num_train_examples or info.num_examples
+    if isinstance(source, ImageFolderSource):
+        return source.labels[:num_examples]
+    if fits_in_memory(cfg, info):
+        return source.load_arrays()[1][:num_examples]
+    return tfdata_backend.stream_labels(source, num_examples)
+
+
+def train_label_counts(cfg) -> np.ndarray:
+    """int64 [K]: training examples per class (see :func:`train_labels`)."""
+    num_classes = train_source(cfg).info().num_classes
+    return np.bincount(train_labels(cfg), minlength=num_classes).astype(np.int64)
 
 
 def _mixed(batches, cfg, num_classes, seed, start_step, process_index) -> Iterator[dict]:

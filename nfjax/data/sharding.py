@@ -51,6 +51,9 @@ def make_host_plan(global_batch: int, process_index=None, process_count=None, de
     return HostPlan(global_batch, process_index, process_count)
 
 
+BALANCED_SALT = 0xBA1  # seeds the class-balanced draws of an epoch: (seed, epoch, BALANCED_SALT)
+
+
 def derive_seed(*parts: int) -> int:
     """A well-mixed 31-bit seed from integers (seed, epoch, ...); stable across runs and platforms."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] >> 1)
@@ -64,18 +67,38 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
     return steps
 
 
-def epoch_order(num_examples: int, seed: int, epoch: int, repeats: int = 1) -> np.ndarray:
+def epoch_order(
+    num_examples: int, seed: int, epoch: int, repeats: int = 1, probs: np.ndarray | None = None
+) -> np.ndarray:
     """Example indices [num_examples] in the order epoch ``epoch`` visits them (a function of seed, epoch).
 
     With repeated augmentation (timm's RepeatAugSampler) each index of a permutation appears ``repeats``
     times in a row and the list is cut back to the epoch length, so an epoch covers about 1/repeats of the
     images, each seen ``repeats`` times with independent augmentations, in neighbouring slots of one global
     batch (timm spreads the copies over ranks of the same step; under one global batch that is the same).
+
+    With ``probs`` [num_examples] (class-balanced sampling, :func:`balanced_probs`) the epoch is instead
+    ``num_examples`` independent draws with replacement, index i with probability ``probs[i]``, from a generator
+    of its own seeded by (seed, epoch); ``repeats`` then repeats each draw the same way.
     """
-    order = np.random.default_rng(derive_seed(seed, epoch, 0x5EED)).permutation(num_examples)
+    if probs is None:
+        order = np.random.default_rng(derive_seed(seed, epoch, 0x5EED)).permutation(num_examples)
+    else:
+        rng = np.random.default_rng(derive_seed(seed, epoch, BALANCED_SALT))
+        order = rng.choice(num_examples, size=num_examples, replace=True, p=probs)
     if repeats > 1:
         order = np.repeat(order, repeats)[:num_examples]
     return order
+
+
+def balanced_probs(labels: np.ndarray, exponent: float) -> np.ndarray:
+    """float64 [N]: the probability of drawing example i, proportional to ``n_{y_i} ** -q`` (q = ``exponent``)
+    where ``n_c`` counts the labels ``c`` in ``labels`` [N]. Class c is then drawn with probability
+    ``n_c^(1 - q) / sum_k n_k^(1 - q)``: 1/K of the non-empty classes for q = 1, the data's frequencies for q = 0."""
+    labels = np.asarray(labels, np.int64)
+    counts = np.bincount(labels).astype(np.float64)
+    weights = counts[labels] ** -float(exponent)
+    return weights / weights.sum()
 
 
 def host_step_slices(order: np.ndarray, plan: HostPlan, first_step: int, num_steps: int) -> np.ndarray:

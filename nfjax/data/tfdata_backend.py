@@ -149,23 +149,50 @@ def _finish_train(ds, cfg, plan, stages: TrainStages, first_step: int) -> Iterat
     return _finish(ds, cfg, plan.local_batch)
 
 
-def in_memory_train_batches(arrays, cfg, plan, num_examples, seed, start_step, stages) -> Iterator[dict]:
-    """Same example order as the NumPy path; augmentation in tf.data."""
+def in_memory_train_batches(arrays, cfg, plan, num_examples, seed, start_step, stages, probs=None) -> Iterator[dict]:
+    """Same example order as the NumPy path (``probs``: class-balanced draws); augmentation in tf.data."""
     tf = import_tf()
     images, labels = tf.constant(arrays[0]), tf.constant(arrays[1])
+    fetch = lambda i: (tf.gather(images, i), tf.gather(labels, i))
+    return _indexed_train_batches(fetch, cfg, plan, num_examples, seed, start_step, stages, probs)
+
+
+def folder_train_batches(source, cfg, plan, num_examples, seed, start_step, stages, probs) -> Iterator[dict]:
+    """An image folder read by index in the in-memory paths' epoch order (class-balanced sampling without
+    caching the split): each example is read from its file when its position comes up."""
+    tf = import_tf()
+    paths, labels = tf.constant(source.paths), tf.constant(source.labels)
+    fetch = lambda i: (tf.io.read_file(tf.gather(paths, i)), tf.gather(labels, i))
+    return _indexed_train_batches(fetch, cfg, plan, num_examples, seed, start_step, stages, probs)
+
+
+def _indexed_train_batches(fetch, cfg, plan, num_examples, seed, start_step, stages, probs) -> Iterator[dict]:
+    """Batches of ``fetch(index) -> (image, label)`` in the order of :func:`sharding.epoch_order`."""
+    tf = import_tf()
     per_epoch = sharding.steps_per_epoch(num_examples, plan.global_batch)
     epoch, offset = divmod(start_step, per_epoch)
     while True:
-        order = sharding.epoch_order(num_examples, seed, epoch, cfg.repeated_aug)
+        order = sharding.epoch_order(num_examples, seed, epoch, cfg.repeated_aug, probs)
         positions = sharding.host_step_slices(order, plan, offset, per_epoch - offset)
         epoch_seed = sharding.derive_seed(seed, epoch, 1)
         ds = tf.data.Dataset.from_tensor_slices((order[positions], positions))
         ds = ds.map(
-            lambda i, pos, s=epoch_seed: stages.per_image(tf.gather(images, i), tf.gather(labels, i), _seed(s, pos)),
+            lambda i, pos, s=epoch_seed: stages.per_image(*fetch(i), _seed(s, pos)),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
         yield from _finish_train(ds, cfg, plan, stages, epoch * per_epoch + offset)
         epoch, offset = epoch + 1, 0
+
+
+def stream_labels(source, num_examples: int, batch: int = 8192) -> np.ndarray:
+    """int32 [num_examples]: the labels of the first ``num_examples`` records, read without decoding an image
+    (the source's encoded records), with a progress bar on stderr."""
+    from tqdm import tqdm
+
+    ds = source.tf_dataset(0, num_examples).map(lambda image, label: label).batch(batch)
+    steps = -(-num_examples // batch)
+    parts = list(tqdm(ds.as_numpy_iterator(), total=steps, desc="counting training labels", unit="batch"))
+    return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
 
 
 def streaming_train_batches(source, cfg, plan, num_examples, seed, start_step, stages) -> Iterator[dict]:
