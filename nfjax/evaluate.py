@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return report_outputs(result, table=not args.no_table, png=args.confusion_png)
 
     code, result = run_parsed(build_parser(), argv, run)
-    if code == 0:
+    if code == 0 and result is not None:  # not after --help
         print(json.dumps(result))
     return code
 

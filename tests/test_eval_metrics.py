@@ -213,3 +213,12 @@ def test_evaluate_cli_on_a_cross_validation_run_and_with_roc_auc(run2, tmp_path,
     assert result["weighted_roc_auc"] == pytest.approx(np.dot(aucs, support) / 300, abs=1e-12)
     assert any(line.split()[-1] == "roc_auc" for line in captured.err.splitlines())
     assert "ema" not in result or len(result["ema"]["per_class"][0]) == len(result["per_class"][0])
+
+
+@pytest.mark.parametrize("module", ["nfjax.evaluate", "nfjax.convert.__main__"])
+def test_help_prints_the_usage_and_nothing_else(module, capsys):
+    import importlib
+
+    assert importlib.import_module(module).main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage:") and "null" not in out

@@ -75,7 +75,7 @@ def _json_object(text: str | None) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     code, result = run_parsed(build_parser(), argv, run)
-    if code == 0:
+    if code == 0 and result is not None:  # not after --help
         print(json.dumps(result))
     return code
 
