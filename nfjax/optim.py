@@ -198,7 +198,7 @@ def _check_numbers(c: ml_collections.ConfigDict) -> None:
         ("restart_decay", 0 < c.restart_decay <= 1, "must be in (0, 1] (1: every cycle starts at the peak lr)"),
         ("plateau_patience", c.plateau_patience >= 0, "must be an integer >= 0 (0 disables reduce-on-plateau)"),
         ("plateau_factor", 0 < c.plateau_factor < 1, "must be in (0, 1), e.g. 0.1 (torch's ReduceLROnPlateau)"),
-        ("plateau_threshold", 0 < c.plateau_threshold <= 1, "must be in (0, 1], e.g. 1e-4 (relative)"),
+        ("plateau_threshold", 0 < c.plateau_threshold < 1, "must be in (0, 1), e.g. 1e-4 (relative)"),
         ("plateau_cooldown", c.plateau_cooldown >= 0, "must be an integer >= 0 (evaluations)"),
         ("plateau_min_scale", 0 <= c.plateau_min_scale < 1, "must be in [0, 1) (0: no lower bound on the scale)"),
         ("ema_decay", 0 <= c.ema_decay < 1, "must be in [0, 1) (0 disables the EMA; DeepMind 0.99999)"),

@@ -260,6 +260,8 @@ class TrainingLoop:
             preempt.close()
             self.progress.close()
             self.writer.close()
+        if final:  # "finished": the run reached the end of its schedule (not a SIGTERM or train.max_steps stop)
+            final["finished"] = done == lengths.total_steps
         if final and jax.process_index() == 0:
             with open(os.path.join(self.workdir, "final_metrics.json"), "w") as f:
                 json.dump(final, f, indent=2)

@@ -49,7 +49,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {path} not found: has the run in {workdir} finished?", file=sys.stderr)
             return 2
         with open(path) as f:
-            finals.append(json.load(f))
+            final = json.load(f)
+        if not final.get("finished", True):  # files of older versions lack the key
+            print(
+                f"error: the run in {workdir} stopped at step {final.get('step')}, before the end of its schedule; "
+                "rerun its training command to finish it",
+                file=sys.stderr,
+            )
+            return 2
+        finals.append(final)
     result = {"runs": args.workdirs, "steps": [final.get("step") for final in finals], **summarize(finals)}
     print(json.dumps(result, indent=2))
     return 0

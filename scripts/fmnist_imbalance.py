@@ -26,12 +26,13 @@ import time
 
 import numpy as np
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 try:
     import nfjax  # noqa: F401
 except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, ROOT)
 
-from nfjax.data.fashion_mnist import DEBIAN_SOURCE_DIR, load_idx_split, store_fashion_mnist
+from nfjax.data.fashion_mnist import DEBIAN_SOURCE_DIR, load_idx_split, store_fashion_mnist  # noqa: E402
 
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 VARIANTS = {  # name -> (--config overrides, what it is)
@@ -99,16 +100,26 @@ def run_name(variant: str, seed: int) -> str:
     return f"{variant}_s{seed}"
 
 
+def finished(workdir: str) -> bool:
+    """The run's last invocation reached the end of its schedule (final_metrics.json says so)."""
+    path = os.path.join(workdir, "final_metrics.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("finished", True)  # files of older versions lack the key
+
+
 def train(out: str, data_dir: str, variant: str, seed: int, recipe: str, extra: list[str]) -> None:
-    workdir = os.path.join(out, run_name(variant, seed))
-    if os.path.exists(os.path.join(workdir, "final_metrics.json")):
+    workdir = os.path.abspath(os.path.join(out, run_name(variant, seed)))
+    if finished(workdir):
         print(f"{run_name(variant, seed)}: finished earlier, skipped", flush=True)
         return
-    config = f"configs/fmnist_nf.py:recipe={recipe},data_dir={os.path.abspath(data_dir)},seed={seed}"
+    config = f"{ROOT}/configs/fmnist_nf.py:recipe={recipe},data_dir={os.path.abspath(data_dir)},seed={seed}"
     cmd = [sys.executable, "-m", "nfjax.train", "--config", config, "--workdir", workdir, *VARIANTS[variant][0], *extra]
     print("$", " ".join(cmd), flush=True)
     start = time.time()
-    subprocess.run(cmd, check=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    subprocess.run(cmd, check=True, env=env)  # this checkout's nfjax, installed or not
     with open(os.path.join(workdir, "wall_time.json"), "w") as f:
         json.dump({"command": " ".join(cmd), "wall_seconds": round(time.time() - start, 1)}, f)
 
@@ -117,7 +128,7 @@ def summarize(out: str, variant: str, seed: int, classes: list[int]) -> dict | N
     """The run's last evaluation (raw weights): top-1, macro/weighted F1 and the cut classes' recall."""
     workdir = os.path.join(out, run_name(variant, seed))
     path = os.path.join(workdir, "eval_report.json")
-    if not os.path.exists(os.path.join(workdir, "final_metrics.json")) or not os.path.exists(path):
+    if not finished(workdir) or not os.path.exists(path):
         return None
     with open(path) as f:
         report = json.load(f)["eval"]

@@ -213,9 +213,21 @@ def test_fold_note_and_split_name():
     assert data.eval_split_name(cfg) == "train fold 2 of 5"
     assert data.fold_note(cfg, 48_000, 12_000) == (
         "cross-validation: training on train minus fold 2 of 5 (48000 examples); evaluating on that fold (12000 "
-        "examples) instead of data.eval_split='test'. Evaluate the held-out split afterwards with: "
-        "python -m nfjax.evaluate --workdir DIR --split test"
+        "examples) instead of data.eval_split='test'. Evaluate a held-out test split afterwards with: "
+        "python -m nfjax.evaluate --workdir DIR --split SPLIT (e.g. --split test if that split exists)"
     )
+
+
+def test_a_fold_run_never_reads_the_unused_eval_split(folder):
+    """The folder has no 'validation' split (only class folders): with folds, evaluation reads a fold of the train
+    split, so nothing may try to open data.eval_split (the default 'validation' would be refused)."""
+    cfg = _folder_cfg(folder)
+    cfg.eval_split = "validation"
+    assert data.bad_files(cfg) == []
+    assert data.dataset_info(cfg).num_eval_examples == 3 + 2 + 2  # ceil(n / 3) of the 7, 5, 4 images per class
+    cfg.num_folds, cfg.fold = 0, 0
+    with pytest.raises(ValueError, match="got validation"):
+        data.bad_files(cfg)
 
 
 def test_cv_summary_script(tmp_path):
@@ -235,6 +247,10 @@ def test_cv_summary_script(tmp_path):
     assert result["eval_ema"]["top1"]["mean"] == pytest.approx(0.4)
     missing = subprocess.run([sys.executable, str(script), str(tmp_path / "nope")], capture_output=True, text=True)
     assert missing.returncode == 2 and "final_metrics.json not found" in missing.stderr
+    final["finished"] = False  # e.g. stopped by SIGTERM or train.max_steps: its metrics are not the final ones
+    (tmp_path / "2" / "final_metrics.json").write_text(json.dumps(final))
+    stopped = subprocess.run([sys.executable, str(script), *runs], capture_output=True, text=True)
+    assert stopped.returncode == 2 and "before the end of its schedule" in stopped.stderr
 
 
 def test_folds_cut_the_train_part_and_leave_holdout_whole(folder):

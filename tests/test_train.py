@@ -54,6 +54,7 @@ def test_cli_run_learns_writes_metrics_and_a_checkpoint(trained):
     assert checkpoint_steps(trained) == [STEPS]
     final = json.loads((trained / "final_metrics.json").read_text())
     assert final["step"] == STEPS and final["eval"]["examples"] == 10_000
+    assert final["finished"] is False  # stopped by train.max_steps, before the schedule's 100 steps
     config = json.loads((trained / "config.json").read_text())
     assert config["model"]["kwargs"]["widths"] == [8, 16, 16]
 

@@ -155,5 +155,6 @@ def fold_note(cfg, num_train: int, num_eval: int) -> str | None:
     return (
         f"cross-validation: training on {cfg.train_split} minus fold {cfg.fold} of {cfg.num_folds} ({num_train} "
         f"examples); evaluating on that fold ({num_eval} examples) instead of data.eval_split={cfg.eval_split!r}. "
-        f"Evaluate the held-out split afterwards with: python -m nfjax.evaluate --workdir DIR --split {cfg.eval_split}"
+        "Evaluate a held-out test split afterwards with: python -m nfjax.evaluate --workdir DIR --split SPLIT "
+        f"(e.g. --split {cfg.eval_split} if that split exists)"
     )

@@ -306,10 +306,13 @@ def make_source(cfg, split: str):
 
 
 def bad_files(cfg) -> list[tuple[str, str]]:
-    """``(path, reason)`` of the files left out of the train and eval splits (image folders; [] otherwise)."""
+    """``(path, reason)`` of the files left out of the train and eval splits (image folders; [] otherwise). With
+    cross-validation folds (data.num_folds) evaluation reads a fold of the train split, so data.eval_split is not
+    read at all."""
     if cfg.dataset != "image_folder":
         return []
     found = {}
-    for split in (cfg.train_split, cfg.eval_split):
+    splits = (cfg.train_split,) if cfg.get("num_folds", 0) else (cfg.train_split, cfg.eval_split)
+    for split in splits:
         found.update(make_source(cfg, split).bad_files)
     return sorted(found.items())
