@@ -266,10 +266,12 @@ def benchmark_train(args: argparse.Namespace) -> dict:
 
 def format_report(report: dict) -> str:
     grouped = f", grouped convs {report['grouped_impl']}" if report["grouped_impl"] else ""
+    times_forward = "3x" if report["step"] == "train" else "1x"
     lines = [
-        f"{report['step']} step: {report['model']} {report['image_size']}px batch {report['batch']} {report['dtype']}{grouped}; "
-        f"{report['forward_gmacs_per_image']:.2f} GMACs/image forward, {report['train_gflop_per_step']:.1f} "
-        f"GFLOP/step ({'3x' if report['step'] == 'train' else '1x'} forward); backend {report['backend']}, {report['cores']} cores, load average "
+        f"{report['step']} step: {report['model']} {report['image_size']}px batch {report['batch']} "
+        f"{report['dtype']}{grouped}; {report['forward_gmacs_per_image']:.2f} GMACs/image forward, "
+        f"{report['train_gflop_per_step']:.1f} GFLOP/step ({times_forward} forward); backend {report['backend']}, "
+        f"{report['cores']} cores, load average "
         f"{report['load_avg_before']:.2f} -> {report['load_avg_after']:.2f}; median of {report['steps']} steps "
         f"after {report['warmup']} warm-up",
         f"  {'implementation':<24} {'compile s':>10} {'step s':>9} {'CPU s':>8} {'img/s':>8} {'GFLOP/s':>9}",
