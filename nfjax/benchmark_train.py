@@ -6,7 +6,9 @@ in PyTorch/timm on the same shapes: forward, cross-entropy, backward, timm's AGC
 classifier, SGD-Nesterov with weight decay on matrices only. Reported per implementation: compile time
 (PyTorch: its first step), median step time over ``--steps`` steps after ``--warmup``, images/s and achieved
 GFLOP/s, where one training step counts as 3x the forward multiply-adds (``nfjax.models.summary.count_macs``)
-x 2 FLOPs. The parameter EMA is off: it is not part of the PyTorch step either.
+x 2 FLOPs. The parameter EMA is off: it is not part of the PyTorch step either. ``--step eval`` times the jitted
+eval step of ``nfjax.evaluate`` instead (inference-mode forward, loss and top-1/top-5 sums; one forward, so
+1x the multiply-adds), nfjax only.
 """
 
 from __future__ import annotations
@@ -46,10 +48,10 @@ def model_overrides(name: str, grouped_impl: str) -> dict:
     return {}
 
 
-def build_jax_step(name: str, image_size: int, batch: int, dtype: str, overrides: dict):
+def build_jax_step(name: str, image_size: int, batch: int, dtype: str, overrides: dict, step: str = "train"):
     """Returns (jitted step, state, batch) for one device: the experiment and train step exactly as
     ``nfjax.train`` assembles them (default optimizer: AGC -> weight decay -> SGD-Nesterov; EMA off), on
-    random data."""
+    random data. ``step='eval'``: the experiment's eval step, ``eval_step(params, batch_stats, batch)``."""
     import jax
     import numpy as np
 
@@ -68,7 +70,8 @@ def build_jax_step(name: str, image_size: int, batch: int, dtype: str, overrides
         image=rng.standard_normal((batch, image_size, image_size, 3), np.float32),
         label=rng.integers(0, 1000, batch).astype(np.int32),
     )
-    return exp.train_step(), exp.create_state(), jax.device_put(data, parallel.batch_sharding(exp.mesh))
+    jitted = exp.train_step() if step == "train" else exp.eval_step
+    return jitted, exp.create_state(), jax.device_put(data, parallel.batch_sharding(exp.mesh))
 
 
 def _progress(label: str, index: int, args, seconds: float) -> None:
@@ -96,15 +99,22 @@ def time_jax(args, overrides: dict) -> dict:
     import jax
 
     start = time.perf_counter()
-    step, state, batch = build_jax_step(args.model, args.image_size, args.batch, args.dtype, overrides)
+    step, state, batch = build_jax_step(args.model, args.image_size, args.batch, args.dtype, overrides, args.step)
     init_s = time.perf_counter() - start
-    print(f"  nfjax: compiling the train step of {args.model} ...", file=sys.stderr)
+    print(f"  nfjax: compiling the {args.step} step of {args.model} ...", file=sys.stderr)
     start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    if args.step == "eval":
+        weights = (state["params"], state.get("batch_stats", {}))
+        compiled = step.lower(*weights, batch).compile()
+    else:
+        compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
     holder = {"state": state}
 
     def run_step() -> float:
+        if args.step == "eval":
+            sums = jax.block_until_ready(compiled(*weights, batch))
+            return float(sums["loss"]) / args.batch
         holder["state"], metrics = compiled(holder["state"], batch)
         jax.block_until_ready((holder["state"], metrics))
         return float(metrics["loss"])
@@ -220,18 +230,21 @@ def benchmark_train(args: argparse.Namespace) -> dict:
         args.error(f"unknown model {args.model!r}; valid names: {', '.join(list_models())}")
     if args.steps < 1 or args.warmup < 0:
         args.error("--steps must be at least 1 and --warmup at least 0")
+    if args.step == "eval" and args.compare:
+        args.error("--compare timm times the train step only; drop it or use --step train")
     load_before = os.getloadavg()[0]
     overrides = model_overrides(args.model, args.grouped_impl)
     dtype = {"dtype": jnp.bfloat16} if args.dtype == "bfloat16" else {}
     macs = count_macs(abstract_model(args.model, num_classes=1000, **overrides, **dtype), args.image_size)
-    train_gflop = 3 * 2 * macs * args.batch / 1e9
+    step_gflop = (3 if args.step == "train" else 1) * 2 * macs * args.batch / 1e9
     rows = [time_jax(args, overrides)]
     if args.compare == "timm":
         rows.append(compare_timm(args))
-    rows = [_finish_row(row, args.batch, train_gflop) for row in rows if row is not None]
+    rows = [_finish_row(row, args.batch, step_gflop) for row in rows if row is not None]
     grouped = resolve_grouped_impl(overrides["grouped_impl"]) if "grouped_impl" in overrides else None
     report = dict(
         model=args.model,
+        step=args.step,
         image_size=args.image_size,
         batch=args.batch,
         dtype=args.dtype,
@@ -243,7 +256,7 @@ def benchmark_train(args: argparse.Namespace) -> dict:
         load_avg_before=load_before,
         load_avg_after=os.getloadavg()[0],
         forward_gmacs_per_image=macs / 1e9,
-        train_gflop_per_step=train_gflop,
+        train_gflop_per_step=step_gflop,  # the timed step's FLOPs (the name predates --step eval)
         rows=rows,
         nfjax_over_timm=rows[0]["img_per_s"] / rows[1]["img_per_s"] if len(rows) > 1 else None,
     )
@@ -253,10 +266,12 @@ def benchmark_train(args: argparse.Namespace) -> dict:
 
 def format_report(report: dict) -> str:
     grouped = f", grouped convs {report['grouped_impl']}" if report["grouped_impl"] else ""
+    times_forward = "3x" if report["step"] == "train" else "1x"
     lines = [
-        f"train step: {report['model']} {report['image_size']}px batch {report['batch']} {report['dtype']}{grouped}; "
-        f"{report['forward_gmacs_per_image']:.2f} GMACs/image forward, {report['train_gflop_per_step']:.1f} "
-        f"GFLOP/step (3x forward); backend {report['backend']}, {report['cores']} cores, load average "
+        f"{report['step']} step: {report['model']} {report['image_size']}px batch {report['batch']} "
+        f"{report['dtype']}{grouped}; {report['forward_gmacs_per_image']:.2f} GMACs/image forward, "
+        f"{report['train_gflop_per_step']:.1f} GFLOP/step ({times_forward} forward); backend {report['backend']}, "
+        f"{report['cores']} cores, load average "
         f"{report['load_avg_before']:.2f} -> {report['load_avg_after']:.2f}; median of {report['steps']} steps "
         f"after {report['warmup']} warm-up",
         f"  {'implementation':<24} {'compile s':>10} {'step s':>9} {'CPU s':>8} {'img/s':>8} {'GFLOP/s':>9}",
@@ -277,6 +292,7 @@ def add_train_parser(subparsers) -> None:
     parser.add_argument("--model", default="nfnet_f0", help="an nfjax model name (python -m nfjax.models lists)")
     parser.add_argument("--image-size", type=int, default=192)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--step", default="train", choices=["train", "eval"], help="which jitted step to time")
     parser.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

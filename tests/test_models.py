@@ -236,6 +236,30 @@ def test_signal_propagation_statistics_follow_the_expected_variance_schedule():
     assert np.all(np.asarray(stats["avg_sq_mean"]) < 1.5)
 
 
+def test_resnet_without_norm_is_the_bare_residual_net_and_its_variance_grows():
+    """norm='none': relu(stem(x)) -> relu(x + conv2(relu(conv1(x)))) -> mean -> classifier, checked by hand."""
+    tiny = dict(widths=(8,), depths=(2,), strides=(1,), stem_width=8)
+    bare = create_model("resnet_small", num_classes=3, rngs=nnx.Rngs(0), norm="none", **tiny)
+    with_bn = create_model("resnet_small", num_classes=3, rngs=nnx.Rngs(0), **tiny)
+    assert not nnx.state(bare, nnx.BatchStat)
+    bn_params = {k: v for k, v in nnx.to_flat_state(nnx.state(with_bn, nnx.Param)) if "bn" not in "/".join(map(str, k))}
+    bare_params = dict(nnx.to_flat_state(nnx.state(bare, nnx.Param)))
+    assert bare_params.keys() == bn_params.keys()  # the same convolutions, the same init, no BN parameters
+    conv = lambda h, m: jax.lax.conv_general_dilated(
+        h, m.kernel[...], (1, 1), "SAME", None, None, ("NHWC", "HWIO", "NHWC")
+    )
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+    h = jax.nn.relu(conv(x, bare.stem_conv))
+    for block in bare.blocks:
+        h = jax.nn.relu(h + conv(jax.nn.relu(conv(h, block.conv1)), block.conv2))
+    expected = jnp.mean(h, axis=(1, 2)) @ bare.classifier.kernel[...] + bare.classifier.bias[...]
+    np.testing.assert_allclose(bare(x), expected, rtol=1e-5, atol=1e-6)
+    _, stats = bare(x, return_stats=True)
+    assert stats["avg_var"][1] > stats["avg_var"][0]  # nothing rescales the sum: the variance only grows
+    with pytest.raises(ValueError, match="norm must be 'batch'.*or 'none'.*got 'layer'"):
+        create_model("resnet_small", norm="layer", **tiny)
+
+
 def test_nf_models_train_one_step_and_gradients_reach_every_parameter():
     model = create_model("nf_resnet50", num_classes=10, rngs=nnx.Rngs(0), **TINY_NF_RESNET)
     graphdef, params = nnx.split(model, nnx.Param)

@@ -2,7 +2,9 @@
 
 BN statistics are those of the global batch under ``jax.jit`` sharding, or of consecutive "ghost" groups of
 ``bn_ghost_size`` examples. Stochastic depth follows timm (rate * i / (num_blocks - 1), kept branches scaled
-by 1/keep), as used by the "ResNet strikes back" recipes.
+by 1/keep), as used by the "ResNet strikes back" recipes. ``norm='none'`` removes every BatchNorm and adds
+nothing in its place (no scaled WS, no alpha/beta, no zero init): the unnormalized ResNet of the NF-ResNet paper's
+signal propagation plots, which is not meant to be trained.
 """
 
 from __future__ import annotations
@@ -25,6 +27,17 @@ RESNET_LAYOUTS: dict[int, tuple[str, tuple[int, ...]]] = {
 }
 BASIC_WIDTHS = (64, 128, 256, 512)
 BOTTLENECK_WIDTHS = (256, 512, 1024, 2048)
+NORMS = ("batch", "none")
+
+
+class NoNorm(nnx.Module):
+    """Stands in for BatchNorm under ``norm='none'``: y = x (no statistics, no scale or bias, so no zero init)."""
+
+    def __init__(self, features: int, scale_init: float = 1.0):
+        del features, scale_init  # the BatchNorm signature, so that blocks build either one the same way
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        return x
 
 
 class ResBlock(nnx.Module):
@@ -79,7 +92,8 @@ class ResBlock(nnx.Module):
 class ResNet(nnx.Module):
     """BN ResNet. ``stem='imagenet'``: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool; ``stem='small'``: 3x3/1 conv, BN,
     ReLU. ``__call__(x, train=False, key=None, return_stats=False)`` -> logits [N, classes] float32; in
-    training, BatchNorm updates its running statistics in place (nnx.BatchStat).
+    training, BatchNorm updates its running statistics in place (nnx.BatchStat). ``norm='none'``: every
+    BatchNorm is the identity (a block computes relu(x + convs(x)) with Kaiming-initialized convs).
     """
 
     def __init__(
@@ -100,13 +114,20 @@ class ResNet(nnx.Module):
         bn_momentum: float = 0.1,
         bn_eps: float = 1e-5,
         bn_ghost_size: int = 0,
+        norm: str = "batch",
         dtype=None,
         rngs: nnx.Rngs,
     ):
         if stem not in ("imagenet", "small"):
             raise ValueError(f"stem must be 'imagenet' or 'small', got {stem!r}")
+        if norm not in NORMS:
+            raise ValueError(
+                f"norm must be 'batch' (the baseline) or 'none' (no normalization, for signal propagation plots), "
+                f"got {norm!r}"
+            )
         conv = partial(L.Conv, dtype=dtype)
-        norm = partial(L.BatchNorm, momentum=bn_momentum, eps=bn_eps, ghost_batch_size=bn_ghost_size, dtype=dtype)
+        batch_norm = partial(L.BatchNorm, momentum=bn_momentum, eps=bn_eps, ghost_batch_size=bn_ghost_size, dtype=dtype)
+        make_norm = batch_norm if norm == "batch" else NoNorm
         self.dtype, self.drop_rate, self.stem_kind = dtype, drop_rate, stem
         self.stem_conv = conv(
             in_channels,
@@ -115,7 +136,7 @@ class ResNet(nnx.Module):
             strides=2 if stem == "imagenet" else 1,
             rngs=rngs,
         )
-        self.stem_bn = norm(stem_width)
+        self.stem_bn = make_norm(stem_width)
         last = max(sum(depths) - 1, 1)
         blocks = [
             ResBlock(
@@ -127,7 +148,7 @@ class ResNet(nnx.Module):
                 stochdepth_rate=stochdepth_rate * i / last,
                 zero_init_last=zero_init_last,
                 conv=conv,
-                norm=norm,
+                norm=make_norm,
                 rngs=rngs,
             )
             for i, cin, cout, stride in L.stage_plan(widths, depths, strides, stem_width)
