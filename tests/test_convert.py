@@ -234,3 +234,10 @@ def test_create_model_pretrained(small_folder):
     assert nnx.jit(lambda m, x: m(x))(model, np.zeros((1, 64, 64, 3), np.float32)).shape == (1, 5)
     with pytest.raises(ValueError, match="holds nfnet_f0, not nf_resnet50"):
         create_model("nf_resnet50", pretrained=out)
+
+
+def test_the_folder_config_keeps_the_weights_eval_interpolation():
+    for interpolation in ("bilinear", "bicubic"):
+        prep = pt.preprocessing(224, 224, resize="crop_pct", crop_pct=0.875, interpolation=interpolation)
+        cfg = pt._config("resnet50", {}, prep)
+        assert cfg.data.eval_interpolation == interpolation and cfg.data.eval_preprocess == "crop_pct"

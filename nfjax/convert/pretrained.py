@@ -71,6 +71,7 @@ def _config(model: str, model_kwargs: dict, prep: Mapping[str, Any]):
     data = cfg.data
     data.image_size, data.eval_image_size = prep["train_size"], prep["test_size"]
     data.eval_preprocess, data.crop_pct = prep["resize"], prep["crop_pct"]
+    data.eval_interpolation = prep.get("interpolation", "bicubic")  # pretrained.json files of older versions lack it
     data.mean, data.std = tuple(prep["mean"]), tuple(prep["std"])
     cfg.train.global_batch = cfg.train.eval_batch = PLACEHOLDER_BATCH
     return finalize(cfg)
