@@ -78,6 +78,18 @@ def _write_atomic(path: str, data: bytes | str) -> None:
     os.replace(tmp, path)
 
 
+def _check_parent(out: str) -> None:
+    """Refuses ``out`` when its folder can never be made: a file is in the way, or the nearest existing folder is
+    not writable. Missing folders are created only once the model has loaded."""
+    existing = os.path.dirname(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not writable by this user; choose another --out")
+
+
 def export_workdir(
     workdir: str,
     out: str,
@@ -91,14 +103,14 @@ def export_workdir(
     if artifact_format not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {artifact_format!r}")
     out = os.path.abspath(os.path.expanduser(out.rstrip("/\\") or out))
-    if not os.path.isdir(os.path.dirname(out)):
-        raise FileNotFoundError(f"--out {out}: folder {os.path.dirname(out)} does not exist")
+    _check_parent(out)
     if artifact_format == "jax" and os.path.isdir(out):
         raise ValueError(f"--out {out} is a folder; give a file name such as {os.path.join(out, 'model.jax')}")
     if artifact_format == "saved_model":
         saved_model.check_out(out)  # before the weights load: a bad folder or a missing TensorFlow fails fast
         saved_model.import_tensorflow()
     model = load_inference_model(workdir, weights)
+    os.makedirs(os.path.dirname(out), exist_ok=True)  # e.g. serving/NAME/ of a TF Serving version folder
     if artifact_format == "saved_model":
         saved_model.save_saved_model(model, out, platforms)
         record = contract(model, out, artifact_format=artifact_format, **saved_model.signature_record(platforms))

@@ -208,8 +208,7 @@ print("ok")
 
 
 def test_saved_model_serves_the_same_logits_without_nfjax(weights_dir, model, image_folder, tmp_path, capsys):
-    out = tmp_path / "serving" / "1"  # TF Serving's layout: a numbered version folder
-    out.parent.mkdir()
+    out = tmp_path / "serving" / "1"  # TF Serving's layout: a numbered version folder (its parent is made)
     assert export.main(["--workdir", weights_dir, "--out", str(out), "--format", "saved_model"]) == 0
     assert "signature serving_default" in capsys.readouterr().out
     assert (out / "saved_model.pb").is_file() and not (tmp_path / "serving" / "1.tmp").exists()
@@ -241,6 +240,9 @@ print("ok")
     assert export.main(["--workdir", weights_dir, "--out", str(out), "--format", "saved_model"]) == 0
     code = export.main(["--workdir", weights_dir, "--out", str(image_folder), "--format", "saved_model"])
     assert_clean_error(code, capsys.readouterr().err, "holds no SavedModel")
+    blocked = tmp_path / "expected.npz" / "serving" / "1"  # a file where a folder would have to be made
+    code = export.main(["--workdir", weights_dir, "--out", str(blocked), "--format", "saved_model"])
+    assert_clean_error(code, capsys.readouterr().err, "is a file, not a folder")
 
 
 def test_saved_model_without_tensorflow_says_how_to_install_it(weights_dir, tmp_path, capsys, monkeypatch):
