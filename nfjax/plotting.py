@@ -43,6 +43,22 @@ def save_png(fig, path: str) -> str:
     return path
 
 
+def write_table(rows: list[dict], csv_path: str, json_path: str, record: dict) -> None:
+    """``rows`` as a CSV (one column per key of the first row) and ``record`` as indented JSON, creating the
+    folders."""
+    import csv
+    import json
+
+    for path in (csv_path, json_path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(json_path, "w") as f:
+        json.dump(record, f, indent=1)
+
+
 def is_png(path: str) -> bool:
     """True when the file starts with the 8-byte PNG signature."""
     with open(path, "rb") as f:

@@ -23,17 +23,15 @@ first block). Same --seed, same numbers.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import sys
 import time
 
 try:
-    from nfjax.plotting import environment, import_pyplot, save_png
+    from nfjax.plotting import environment, import_pyplot, save_png, write_table
 except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from nfjax.plotting import environment, import_pyplot, save_png
+    from nfjax.plotting import environment, import_pyplot, save_png, write_table
 
 # label -> (model name, constructor overrides)
 SERIES: dict[str, tuple[str, dict]] = {
@@ -154,14 +152,8 @@ def plot(rows: list[dict], input_name: str, title: str):
 
 def write_outputs(rows: list[dict], out: str, settings: dict) -> list[str]:
     """OUT/signal_propagation.csv, .json and one PNG per input; returns the paths written."""
-    os.makedirs(out, exist_ok=True)
     csv_path, json_path = os.path.join(out, "signal_propagation.csv"), os.path.join(out, "signal_propagation.json")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(json_path, "w") as f:
-        json.dump(dict(settings, rows=rows), f, indent=1)
+    write_table(rows, csv_path, json_path, dict(settings, rows=rows))
     paths = [csv_path, json_path]
     for input_name in dict.fromkeys(r["input"] for r in rows):
         title = (

@@ -19,18 +19,16 @@ Writes OUT/speed.csv, OUT/speed.json (every run's report, settings, versions, wa
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import statistics
 import sys
 import time
 
 try:
-    from nfjax.plotting import environment, import_pyplot, save_png
+    from nfjax.plotting import environment, import_pyplot, save_png, write_table
 except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from nfjax.plotting import environment, import_pyplot, save_png
+    from nfjax.plotting import environment, import_pyplot, save_png, write_table
 
 STEPS = ("train", "eval")
 SKIPPED_PAIRS = {"nfnet_f0:nfnet_f0 with BatchNorm": "nfjax has no BatchNorm variant of the NFNet"}
@@ -142,14 +140,8 @@ def plot(summary: list[dict], title: str):
 
 
 def write_outputs(rows: list[dict], summary: list[dict], out: str, settings: dict) -> list[str]:
-    os.makedirs(out, exist_ok=True)
     csv_path, json_path = os.path.join(out, "speed.csv"), os.path.join(out, "speed.json")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(summary[0]))
-        writer.writeheader()
-        writer.writerows(summary)
-    with open(json_path, "w") as f:
-        json.dump(dict(settings, summary=summary, runs=rows, skipped=SKIPPED_PAIRS), f, indent=1)
+    write_table(summary, csv_path, json_path, dict(settings, summary=summary, runs=rows, skipped=SKIPPED_PAIRS))
     title = (
         f"NF vs BN step speed, {settings['image_size']} px, batch {settings['batch']}, {settings['rounds']} "
         f"alternating rounds, {settings['environment']['cpu_count']} CPUs"

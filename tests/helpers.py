@@ -93,3 +93,20 @@ def launch_two_processes(fmnist_dir, workdir, compile_cache, cwd, *extra):
         )
         for i in range(2)
     ]
+
+
+def two_class_image_folder(root, per_class=16):
+    """root/{train,test}/{a,b}/*.png: ``per_class`` training and 4 test images per class, 28x28 RGB, class b
+    brighter than class a (pixels 0-119 vs 120-239), so a tiny model learns it in a few steps."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class), ("test", 4)):
+        for label, name in enumerate("ab"):
+            folder = Path(root) / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 120, (28, 28, 3)) + 120 * label
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    return root

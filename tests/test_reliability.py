@@ -30,6 +30,7 @@ from helpers import (
     snapshot,
     subprocess_env,
     train_rows,
+    two_class_image_folder,
 )
 
 # Slices of Fashion-MNIST: a run (and each of its processes) decodes 2,280 images, not 70,000; no fault depends on
@@ -239,16 +240,7 @@ def test_a_nan_batch_is_skipped_on_device_and_the_step_moves_on(fmnist_dir):
 def image_folder_with_bad_files(root, per_class=12):
     """root/{train,test}/{a,b}/*.png: 28x28 RGB images, plus in train/a a truncated PNG, an empty file and a
     text file named .jpg."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, count in (("train", per_class), ("test", 4)):
-        for label, name in enumerate("ab"):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 120, (28, 28, 3)) + 120 * label
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    two_class_image_folder(root, per_class)
     bad = root / "train" / "a"
     whole = (bad / "0.png").read_bytes()
     (bad / "truncated.png").write_bytes(whole[: len(whole) // 2])

@@ -12,7 +12,7 @@ import pytest
 from nfjax import config_lib, experiment, optim, plateau, train
 from nfjax.metrics import read_metrics
 
-from helpers import ROOT, checkpoint_steps
+from helpers import ROOT, checkpoint_steps, two_class_image_folder
 
 
 def lrs(schedule, steps) -> np.ndarray:
@@ -207,17 +207,7 @@ def test_the_scale_multiplies_the_update_and_the_logged_lr():
 
 def image_folder(root):
     """root/{train,test}/{a,b}/*.png: 16 training and 4 test images per class, 28x28 RGB."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 16), ("test", 4)):
-        for label, name in enumerate("ab"):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 120, (28, 28, 3)) + 120 * label
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
-    return root
+    return two_class_image_folder(root, per_class=16)
 
 
 def run_args(data, workdir, *extra):
