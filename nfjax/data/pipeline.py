@@ -210,7 +210,10 @@ def train_labels(cfg) -> np.ndarray:
     from its arrays, a streamed TFDS split's read from the records without decoding the images (with a progress
     bar)."""
     check_data_config(cfg)
-    source = train_source(cfg)  # minus the held-out fold with data.num_folds
+    return _labels_of(cfg, train_source(cfg))  # minus the held-out fold with data.num_folds
+
+
+def _labels_of(cfg, source) -> np.ndarray:
     info = source.info()
     num_examples = cfg.num_train_examples or info.num_examples
     if isinstance(source, ImageFolderSource):
@@ -221,9 +224,10 @@ def train_labels(cfg) -> np.ndarray:
 
 
 def train_label_counts(cfg) -> np.ndarray:
-    """int64 [K]: training examples per class (see :func:`train_labels`)."""
-    num_classes = train_source(cfg).info().num_classes
-    return np.bincount(train_labels(cfg), minlength=num_classes).astype(np.int64)
+    """int64 [K]: training examples per class (see :func:`train_labels`); the split is listed once."""
+    check_data_config(cfg)
+    source = train_source(cfg)
+    return np.bincount(_labels_of(cfg, source), minlength=source.info().num_classes).astype(np.int64)
 
 
 def _mixed(batches, cfg, num_classes, seed, start_step, process_index) -> Iterator[dict]:
