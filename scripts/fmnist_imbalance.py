@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -28,10 +27,12 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 try:
-    import nfjax  # noqa: F401
+    import nfjax.train  # noqa: F401  (first: it splits a CPU host into devices before JAX starts)
 except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, ROOT)
+    import nfjax.train  # noqa: F401
 
+from nfjax import study  # noqa: E402
 from nfjax.data.fashion_mnist import DEBIAN_SOURCE_DIR, load_idx_split, store_fashion_mnist  # noqa: E402
 
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -100,42 +101,21 @@ def run_name(variant: str, seed: int) -> str:
     return f"{variant}_s{seed}"
 
 
-def finished(workdir: str) -> bool:
-    """The run's last invocation reached the end of its schedule (final_metrics.json says so)."""
-    path = os.path.join(workdir, "final_metrics.json")
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        return json.load(f).get("finished", True)  # files of older versions lack the key
-
-
 def train(out: str, data_dir: str, variant: str, seed: int, recipe: str, extra: list[str]) -> None:
-    workdir = os.path.abspath(os.path.join(out, run_name(variant, seed)))
-    if finished(workdir):
-        print(f"{run_name(variant, seed)}: finished earlier, skipped", flush=True)
-        return
-    config = f"{ROOT}/configs/fmnist_nf.py:recipe={recipe},data_dir={os.path.abspath(data_dir)},seed={seed}"
-    cmd = [sys.executable, "-m", "nfjax.train", "--config", config, "--workdir", workdir, *VARIANTS[variant][0], *extra]
-    print("$", " ".join(cmd), flush=True)
-    start = time.time()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-    subprocess.run(cmd, check=True, env=env)  # this checkout's nfjax, installed or not
-    with open(os.path.join(workdir, "wall_time.json"), "w") as f:
-        json.dump({"command": " ".join(cmd), "wall_seconds": round(time.time() - start, 1)}, f)
+    """One run in OUT/VARIANT_sSEED (skipped when finished, resumed when interrupted): nfjax.study.run_training."""
+    config = study.config_path("fmnist_nf", recipe=recipe, data_dir=os.path.abspath(data_dir), seed=seed)
+    study.run_training(os.path.join(out, run_name(variant, seed)), config, [*VARIANTS[variant][0], *extra])
 
 
 def summarize(out: str, variant: str, seed: int, classes: list[int]) -> dict | None:
     """The run's last evaluation (raw weights): top-1, macro/weighted F1 and the cut classes' recall."""
     workdir = os.path.join(out, run_name(variant, seed))
     path = os.path.join(workdir, "eval_report.json")
-    if not finished(workdir) or not os.path.exists(path):
+    if not study.finished(workdir) or not os.path.exists(path):
         return None
     with open(path) as f:
         report = json.load(f)["eval"]
-    wall = None
-    if os.path.exists(os.path.join(workdir, "wall_time.json")):
-        with open(os.path.join(workdir, "wall_time.json")) as f:
-            wall = json.load(f)["wall_seconds"]
+    wall = study.wall_seconds(workdir)
     recall = {row["class"]: row["recall"] for row in report["per_class"]}
     return dict(
         variant=variant,
@@ -232,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{i}/{len(jobs)}] {variant}, seed {seed} ({(time.time() - start) / 60:.1f} min so far)", flush=True)
             try:
                 train(args.out, data_dir, variant, seed, args.recipe, extra)
-            except subprocess.CalledProcessError as e:
-                print(f"error: run {run_name(variant, seed)} failed (exit {e.returncode}); rerun to resume it")
+            except study.RunFailed as e:
+                print(f"error: {e}", file=sys.stderr)
                 return 1
     rows = [r for v, s in jobs if (r := summarize(args.out, v, s, classes)) is not None]
     with open(os.path.join(data_dir, "subset.json")) as f:

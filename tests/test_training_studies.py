@@ -94,34 +94,41 @@ def test_study_summary_mean_and_sample_std_by_hand():
 
 
 def test_agc_sweep_runs_off_and_each_lambda_and_draws_the_curves(tiny_data, tmp_path):
+    from nfjax.cli import parse_args
+
     driver = _load("agc_sweep")
     argv = ["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--batch", "16", "--lrs", "0.4"]
-    argv += ["--lambdas", "0.16", "--classifier", "excl,clip", "--data-dir", tiny_data, *TINY, *TINY_CONFIG]
+    argv += ["--lambdas", "0.16", "--classifier", "excl", "--data-dir", tiny_data, *TINY, *TINY_CONFIG]
     assert driver.main(argv) == 0
     runs = tmp_path / "runs"
-    assert sorted(os.listdir(runs)) == ["lr0.4_agc0.16_clip_s0", "lr0.4_agc0.16_excl_s0", "lr0.4_off_s0"]
+    assert sorted(os.listdir(runs)) == ["lr0.4_agc0.16_excl_s0", "lr0.4_off_s0"]
     optim = {n: json.loads((runs / n / "config.json").read_text())["optim"] for n in os.listdir(runs)}
-    assert optim["lr0.4_off_s0"]["clipping"] == "none"
-    assert optim["lr0.4_agc0.16_excl_s0"]["agc_lambda"] == 0.16 and optim["lr0.4_off_s0"]["base_lr"] == 0.4
+    assert optim["lr0.4_off_s0"]["clipping"] == "none" and optim["lr0.4_off_s0"]["base_lr"] == 0.4
+    assert optim["lr0.4_agc0.16_excl_s0"]["clipping"] == "agc" and optim["lr0.4_agc0.16_excl_s0"]["agc_lambda"] == 0.16
     assert any("classifier" in p for p in optim["lr0.4_agc0.16_excl_s0"]["clip_exclude"])
-    assert not any("classifier" in p for p in optim["lr0.4_agc0.16_clip_s0"]["clip_exclude"])
+    # the clipped-classifier setting's command line gives a config that clips everything but the SkipInit gains
+    workdir, config, overrides = driver.run_command(driver.parse(argv), 0.4, 0.02, "clip", 0)
+    cfg = parse_args("nfjax.train", ["--config", config, "--workdir", workdir, *overrides])[0]
+    assert tuple(cfg.optim.clip_exclude) == ("(^|/)skip_gain$",) and cfg.optim.agc_lambda == 0.02
     train = study.read_metrics(str(runs / "lr0.4_agc0.16_excl_s0"), "train")
     assert [r["step"] for r in train] == [1, 2, 3, 4]  # every step logged: the curves
     record = json.loads((tmp_path / "out" / "agc_sweep.json").read_text())
     by_name = {(r["setting"]): r for r in record["summary"]}
-    assert list(by_name) == ["off", "agc0.16_excl", "agc0.16_clip"]
+    assert list(by_name) == ["off", "agc0.16_excl"]
     assert by_name["off"]["agc_clip_fraction_mean"] is None
     assert 0 <= by_name["agc0.16_excl"]["agc_clip_fraction_mean"] <= 1
-    assert (
-        by_name["agc0.16_excl"]["top1_mean"]
-        == study.read_metrics(str(runs / "lr0.4_agc0.16_excl_s0"), "eval")[-1]["top1"]
-    )
+    last_eval = study.read_metrics(str(runs / "lr0.4_agc0.16_excl_s0"), "eval")[-1]
+    assert by_name["agc0.16_excl"]["top1_mean"] == last_eval["top1"]
     for name in ("agc_sweep.png", "agc_curves.png"):
         assert is_png(tmp_path / "out" / name)
-    fig = driver.plot_sweep(record["summary"], "tiny")
+    clipped = dict(
+        by_name["agc0.16_excl"], setting="agc0.16_clip", classifier="clip", top1_mean=0.5, top1_min=0.5, top1_max=0.5
+    )
+    fig = driver.plot_sweep([*record["summary"], clipped], "tiny")
     ax = fig.axes[0]
     assert [c.get_label() for c in ax.containers] == ["AGC, classifier not clipped", "AGC, classifier clipped"]
     np.testing.assert_allclose(np.asarray(ax.containers[0].lines[0].get_xdata(), float), [0.16])
+    np.testing.assert_allclose(np.asarray(ax.containers[1].lines[0].get_ydata(), float), [0.5])
     (off_line,) = [line for line in ax.get_lines() if line.get_label() == "AGC off"]
     assert off_line.get_ydata()[0] == by_name["off"]["top1_mean"]
     fig = driver.plot_curves(record["runs"], 0, "tiny")
