@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import time
 from collections.abc import Callable, Sequence
 
@@ -21,46 +22,92 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class RunFailed(RuntimeError):
-    """A training run returned a non-zero status; its message names the run and says how to continue."""
+    """A run failed, stopped before the end of its schedule, or was trained with other settings; the message names
+    the run and says what to do."""
+
+
+SETTINGS_FILE = "study_run.json"
+
+
+def log_line(text: str) -> None:
+    print(text, flush=True)
 
 
 def finished(workdir: str) -> bool:
     """The run's last invocation reached the end of its schedule (its final_metrics.json says so)."""
     path = os.path.join(workdir, "final_metrics.json")
-    if not os.path.exists(path):
+    try:
+        with open(path) as f:
+            return json.load(f).get("finished", True)  # files of older versions lack the key
+    except (OSError, ValueError):  # missing, or cut short by a crash while writing: not finished
         return False
-    with open(path) as f:
-        return json.load(f).get("finished", True)  # files of older versions lack the key
 
 
 def config_path(name: str, **args) -> str:
     """``ROOT/configs/NAME.py:k=v,...``: the repository's config file with its arguments."""
+    for k, v in args.items():
+        if "," in str(v) or ":" in str(v)[1:]:
+            raise ValueError(f"config argument {k}={v!r} may not contain ',' or ':'; use a path without them")
     text = ",".join(f"{k}={v}" for k, v in args.items())
     return f"{ROOT}/configs/{name}.py" + (f":{text}" if text else "")
 
 
-def run_training(workdir: str, config: str, overrides: Sequence[str] = (), log: Callable[[str], None] = print) -> bool:
+def settings_of(config: str, overrides: Sequence[str]) -> list[str]:
+    """What identifies a run's settings: the config file's name with its arguments (not the checkout's path, so a
+    moved checkout still matches) and the overrides."""
+    return [config.replace(f"{ROOT}/configs/", "configs/"), *overrides]
+
+
+def check_settings(workdir: str, config: str, overrides: Sequence[str]) -> None:
+    """RunFailed when ``workdir`` holds a run started with other settings (its study_run.json); a run without that
+    file (none yet, or older than it) passes."""
+    path = os.path.join(workdir, SETTINGS_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        before = json.load(f)["settings"]
+    if before != settings_of(config, overrides):
+        changed = [a for a in settings_of(config, overrides) if a not in before]
+        raise RunFailed(
+            f"{workdir} holds a run with other settings ({' '.join(before)}); this study asks for "
+            f"{' '.join(changed) or 'fewer overrides'}. Use another --runs folder, or the settings of that run"
+        )
+
+
+def run_training(
+    workdir: str, config: str, overrides: Sequence[str] = (), log: Callable[[str], None] = log_line
+) -> bool:
     """Trains ``config`` with ``--config.*`` ``overrides`` in ``workdir`` unless it finished there before.
 
-    Returns True when it trained (or resumed), False when skipped. The command and the wall time of this call are
-    written to ``workdir/wall_time.json`` (a resumed run records the time of its last part). A failing run raises
-    :class:`RunFailed`."""
+    Returns True when it trained (or resumed), False when skipped. The settings go to ``workdir/study_run.json``
+    (a later call with other settings is refused), and the wall time of every call that trained adds up in
+    ``workdir/wall_time.json``. Raises :class:`RunFailed` when the run fails, or stops before the end of its
+    schedule (SIGTERM, train.max_steps)."""
     from nfjax.train import main as train_main
 
     workdir = os.path.abspath(workdir)
+    name = os.path.basename(workdir)
+    check_settings(workdir, config, overrides)
     if finished(workdir):
-        log(f"{os.path.basename(workdir)}: finished earlier, skipped")
+        log(f"{name}: finished earlier, skipped")
         return False
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, SETTINGS_FILE), "w") as f:
+        json.dump({"settings": settings_of(config, overrides)}, f, indent=1)
     argv = ["--config", config, "--workdir", workdir, *overrides]
-    log("$ python -m nfjax.train " + " ".join(argv))
+    command = "python -m nfjax.train " + shlex.join(argv)
+    log(f"$ {command}")
     start = time.time()
     code = train_main(argv)
+    if code == 2:
+        raise RunFailed(f"run {name} was refused (exit status 2; the message above says why): fix the settings")
     if code != 0:
-        raise RunFailed(f"run {os.path.basename(workdir)} failed (exit status {code}); rerun the driver to resume it")
+        raise RunFailed(f"run {name} failed (exit status {code}); rerun the driver to resume it")
+    seconds = time.time() - start + (wall_seconds(workdir) or 0.0)  # a resumed run adds its earlier parts
     with open(os.path.join(workdir, "wall_time.json"), "w") as f:
-        json.dump(
-            {"command": "python -m nfjax.train " + " ".join(argv), "wall_seconds": round(time.time() - start, 1)}, f
-        )
+        json.dump({"command": command, "wall_seconds": round(seconds, 1)}, f)
+    if not finished(workdir):
+        raise RunFailed(f"run {name} stopped before the end of its schedule; rerun the driver to resume it")
     return True
 
 
@@ -86,9 +133,13 @@ def wall_seconds(workdir: str) -> float | None:
         return json.load(f)["wall_seconds"]
 
 
-def run_result(workdir: str) -> dict | None:
-    """A finished run's last evaluation (raw weights: top-1, loss) and its training loss: the last logged value,
-    the first non-finite one (if any) and its step. None when the run has not finished."""
+def run_result(workdir: str, config: str | None = None, overrides: Sequence[str] = ()) -> dict | None:
+    """A finished run's last evaluation (raw weights: top-1, loss), its last logged training loss and
+    ``nonfinite_at``: the first logged step whose interval held a non-finite loss (a skipped update), None when
+    there was none. None when the run has not finished; RunFailed when ``config`` is given and the run was trained
+    with other settings."""
+    if config is not None:
+        check_settings(workdir, config, overrides)
     if not finished(workdir):
         return None
     evals = read_metrics(workdir, "eval")
@@ -101,7 +152,7 @@ def run_result(workdir: str) -> dict | None:
         eval_loss=evals[-1]["loss"],
         train_loss=train[-1]["loss"] if train else None,
         steps=evals[-1]["step"],
-        diverged_at=bad["step"] if bad else None,
+        nonfinite_at=bad["step"] if bad else None,
         wall_seconds=wall_seconds(workdir),
     )
 
@@ -114,8 +165,37 @@ def mean_spread(values: Sequence[float]) -> dict:
     )
 
 
-def run_all(jobs: Sequence[tuple[str, str, Sequence[str]]], start: float, log: Callable[[str], None] = print) -> None:
+def run_all(
+    jobs: Sequence[tuple[str, str, Sequence[str]]], start: float, log: Callable[[str], None] = log_line
+) -> None:
     """Runs every ``(workdir, config, overrides)`` in order with progress lines ``[i/n] NAME (M min so far)``."""
     for i, (workdir, config, overrides) in enumerate(jobs, 1):
         log(f"[{i}/{len(jobs)}] {os.path.basename(workdir)} ({(time.time() - start) / 60:.1f} min so far)")
         run_training(workdir, config, overrides, log)
+
+
+def number_list(text: str, what: str, kind: type = int, minimum: float | None = None, unique: bool = True) -> list:
+    """Comma-separated values of ``kind``, in the order given (repeats dropped when ``unique``); ValueError naming
+    ``what`` when an item is not of that kind, is below ``minimum`` or the list is empty."""
+    try:
+        values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+        values = list(dict.fromkeys(values)) if unique else values
+    except ValueError:
+        raise ValueError(f"{what} takes comma-separated {kind.__name__} values; got {text!r}") from None
+    if not values:
+        raise ValueError(f"{what} is empty; give at least one value")
+    if minimum is not None and min(values) < minimum:
+        raise ValueError(f"{what} takes values of at least {minimum:g}; got {text!r}")
+    return values
+
+
+def config_overrides(extra: Sequence[str]) -> list[str]:
+    """The driver's arguments after its own (and after ``--``): only ``--config.KEY=VALUE`` items, passed to every
+    run; ValueError naming the others."""
+    extra = [a for a in extra if a != "--"]
+    unknown = [a for a in extra if not (a.startswith("--config.") and "=" in a)]
+    if unknown:
+        raise ValueError(
+            f"unrecognized arguments {unknown}; only --config.KEY=VALUE overrides (with '=') are passed to the runs"
+        )
+    return extra

@@ -15,7 +15,7 @@ the recipe's linear scaling; its own base is 0.4) and seed in ``--seeds``:
 - ``agcL_clip``: the same lambda with the classifier kernel clipped too (only the SkipInit gains excluded).
 
 Every step is logged, so the training-loss curves show where training blows up. A non-finite loss skips that
-update and the run goes on (``train.nonfinite=skip``); the step where it first happened is reported. A finished
+update and the run goes on (``train.nonfinite=skip``); the first step with one is reported. A finished
 run is skipped and an interrupted one resumes, so the same command continues a stopped sweep.
 
 Writes OUT/agc_sweep.csv (one row per learning rate and setting: test top-1 and loss, mean over seeds, the largest
@@ -32,12 +32,10 @@ import os
 import sys
 import time
 
-try:
-    import nfjax.train  # noqa: F401  (first: it splits a CPU host into devices before JAX starts)
-except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import nfjax.train  # noqa: F401
+import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's nfjax and configs
+import nfjax.train  # noqa: E402, F401  (first: it splits a CPU host into devices before JAX starts)
 from nfjax import study  # noqa: E402
 from nfjax.plotting import environment, import_pyplot, save_png, write_table  # noqa: E402
 
@@ -46,16 +44,6 @@ CLASSIFIER = {  # setting -> (clip_exclude regexes, what it is)
     "excl": ("('(^|/)classifier/kernel$', '(^|/)skip_gain$')", "classifier not clipped"),
     "clip": ("('(^|/)skip_gain$',)", "classifier clipped"),
 }
-
-
-def float_list(text: str, what: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{what} takes comma-separated numbers; got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise ValueError(f"{what} takes comma-separated positive numbers; got {text!r}")
-    return values
 
 
 def setting_name(lam: float | None, classifier: str | None) -> str:
@@ -103,13 +91,13 @@ def run_command(args, lr: float, lam: float | None, classifier: str | None, seed
 def collect(args) -> list[dict]:
     rows = []
     for lr, lam, classifier, seed in jobs(args):
-        workdir = os.path.join(args.runs, run_name(lr, lam, classifier, seed))
-        result = study.run_result(workdir)
+        workdir, config, overrides = run_command(args, lr, lam, classifier, seed)
+        result = study.run_result(workdir, config, overrides)
         if result is None:
             continue
         train = study.read_metrics(workdir, "train")
         finite = [r["loss"] for r in train if math.isfinite(r["loss"])]
-        clip = [r["agc_clip_fraction"] for r in train if "agc_clip_fraction" in r and lam is not None]
+        clip = [r["agc_clip_fraction"] for r in train if lam is not None and math.isfinite(r["agc_clip_fraction"])]
         rows.append(
             dict(
                 base_lr=lr,
@@ -122,7 +110,7 @@ def collect(args) -> list[dict]:
                 max_train_loss=max(finite) if finite else None,
                 nonfinite_steps=sum(r.get("nonfinite_steps", 0) for r in train),
                 agc_clip_fraction_mean=sum(clip) / len(clip) if clip else None,
-                curve=[(r["step"], r["loss"]) for r in train],
+                curve=[(r["step"], r["loss"] if math.isfinite(r["loss"]) else None) for r in train],
             )
         )
     return rows
@@ -134,6 +122,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         mine = [r for r in rows if (r["base_lr"], r["setting"]) == key]
         top1, loss = study.mean_spread([r["top1"] for r in mine]), study.mean_spread([r["eval_loss"] for r in mine])
         first = mine[0]
+        clips = [r["agc_clip_fraction_mean"] for r in mine if r["agc_clip_fraction_mean"] is not None]
         out.append(
             dict(
                 base_lr=first["base_lr"],
@@ -147,11 +136,11 @@ def summarize(rows: list[dict]) -> list[dict]:
                 max_train_loss=max(
                     (r["max_train_loss"] for r in mine if r["max_train_loss"] is not None), default=None
                 ),
-                runs_with_nonfinite_steps=sum(r["diverged_at"] is not None for r in mine),
+                runs_with_nonfinite_steps=sum(r["nonfinite_at"] is not None for r in mine),
                 first_nonfinite_step=min(
-                    (r["diverged_at"] for r in mine if r["diverged_at"] is not None), default=None
+                    (r["nonfinite_at"] for r in mine if r["nonfinite_at"] is not None), default=None
                 ),
-                agc_clip_fraction_mean=first["agc_clip_fraction_mean"],
+                agc_clip_fraction_mean=None if first["agc_lambda"] is None else float(np.mean(clips)),
             )
         )
     return out
@@ -194,17 +183,20 @@ def plot_curves(rows: list[dict], seed: int, title: str):
     classifier excluded. A non-finite step is marked with an x at the top of the panel."""
     plt = import_pyplot()
     lrs = list(dict.fromkeys(r["base_lr"] for r in rows))
+    lambdas = sorted({r["agc_lambda"] for r in rows if r["agc_lambda"] is not None})  # one colour each
     fig, axes = plt.subplots(1, len(lrs), figsize=(5.5 * len(lrs), 4), squeeze=False)
     for ax, lr in zip(axes[0], lrs, strict=True):
         mine = [r for r in rows if r["base_lr"] == lr and r["seed"] == seed and r["classifier"] in (None, "excl")]
         mine.sort(key=lambda r: -1 if r["agc_lambda"] is None else r["agc_lambda"])
-        for i, r in enumerate(mine):
+        for r in mine:
             steps = [s for s, _ in r["curve"]]
-            loss = [v if math.isfinite(v) else float("nan") for _, v in r["curve"]]
-            style = dict(color="k", linewidth=2) if r["agc_lambda"] is None else dict(color=f"C{i - 1}", linewidth=1)
+            loss = [float("nan") if v is None else v for _, v in r["curve"]]
+            lam = r["agc_lambda"]
+            color = "k" if lam is None else f"C{lambdas.index(lam) % 10}"
+            style = dict(color=color, linewidth=2 if lam is None else 1)
             label = "AGC off" if r["agc_lambda"] is None else f"AGC lambda {r['agc_lambda']:g}"
             ax.plot(steps, loss, label=label, **style)
-            bad = [s for s, v in r["curve"] if not math.isfinite(v)]
+            bad = [s for s, v in r["curve"] if v is None]
             if bad:
                 ax.plot(bad, [1.0] * len(bad), "x", color=style["color"], transform=ax.get_xaxis_transform())
         ax.set_yscale("log")
@@ -219,7 +211,9 @@ def plot_curves(rows: list[dict], seed: int, title: str):
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--runs", default="runs/agc", help="folder of the training runs")
     parser.add_argument("--out", default="docs/results", help="folder of the tables and plots")
     parser.add_argument("--batch", type=int, default=2048)
@@ -236,22 +230,25 @@ def parse(argv):
     )
     parser.add_argument("--report-only", action="store_true", help="rebuild the tables and plots from existing runs")
     args, extra = parser.parse_known_args(argv)
-    args.extra = [a for a in extra if a != "--"]
-    unknown = [a for a in args.extra if not a.startswith("--config.")]
-    if unknown:
-        parser.error(f"unrecognized arguments {unknown}; only --config.* overrides are passed to the runs")
     try:
-        args.lrs = float_list(args.lrs, "--lrs")
-        args.lambdas = float_list(args.lambdas, "--lambdas")
-        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        args.widths = ",".join(str(int(w)) for w in args.widths.split(","))
+        args.extra = study.config_overrides(extra)
+        args.lrs = study.number_list(args.lrs, "--lrs", float, 1e-12)
+        args.lambdas = sorted(study.number_list(args.lambdas, "--lambdas", float, 1e-12))
+        args.seeds = study.number_list(args.seeds, "--seeds", int, 0)
+        args.widths = ",".join(map(str, study.number_list(args.widths, "--widths", int, 1, unique=False)))
+        args.classifier = study.number_list(args.classifier, "--classifier", str)
     except ValueError as e:
         parser.error(str(e))
-    args.classifier = [c.strip() for c in args.classifier.split(",") if c.strip()]
-    if not args.classifier or any(c not in CLASSIFIER for c in args.classifier):
+    if any(c not in CLASSIFIER for c in args.classifier):
         parser.error(f"--classifier takes excl, clip or excl,clip; got {args.classifier}")
-    if not args.seeds or args.batch < 1 or args.epochs <= 0:
-        parser.error("--seeds must name a seed, --batch be at least 1 and --epochs positive")
+    if len({f"{v:g}" for v in args.lrs}) < len(args.lrs) or len({f"{v:g}" for v in args.lambdas}) < len(args.lambdas):
+        parser.error("--lrs and --lambdas name their runs with 6 significant digits; give values that differ in them")
+    if args.batch < 1 or args.epochs <= 0 or args.stem_width < 1:
+        parser.error(
+            f"--batch and --stem-width must be at least 1 and --epochs positive; got --batch {args.batch}, "
+            f"--stem-width {args.stem_width}, --epochs {args.epochs}"
+        )
+    args.data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
     return args
 
 
@@ -266,7 +263,11 @@ def main(argv=None) -> int:
         except study.RunFailed as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-    rows = collect(args)
+    try:
+        rows = collect(args)
+    except study.RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if not rows:
         print(f"error: no finished runs in {args.runs}; run without --report-only first", file=sys.stderr)
         return 1

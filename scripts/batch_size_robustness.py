@@ -15,7 +15,7 @@ scaling), warmup then cosine, label smoothing 0.1, no augmentation) for ``--epoc
 Both twins are narrowed to ``--widths``/``--stem-width`` (default 24/48/96 and 16 channels instead of 48/96/192
 and 24: about 3x cheaper on CPU, same depth and layout). Runs go to RUNS/VARIANT_bB_sSEED; a finished run is
 skipped, an interrupted one resumes, so the same command continues a stopped study. A non-finite loss skips that
-update and the run goes on (``train.nonfinite=skip``); the step where it first happened is reported.
+update and the run goes on (``train.nonfinite=skip``); the first logged interval that held one is reported.
 
 Writes OUT/batch_size.csv (mean, sample std, min, max over seeds per variant and batch), OUT/batch_size.json
 (settings, versions, every run, wall times) and OUT/batch_size.png (test top-1 and test loss vs batch size).
@@ -29,12 +29,8 @@ import os
 import sys
 import time
 
-try:
-    import nfjax.train  # noqa: F401  (first: it splits a CPU host into devices before JAX starts)
-except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import nfjax.train  # noqa: F401
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's nfjax and configs
+import nfjax.train  # noqa: E402, F401  (first: it splits a CPU host into devices before JAX starts)
 from nfjax import study  # noqa: E402
 from nfjax.plotting import environment, import_pyplot, save_png, write_table  # noqa: E402
 
@@ -45,16 +41,6 @@ VARIANTS = {  # name -> (config, what it is)
 }
 FMNIST_TRAIN_EXAMPLES = 60_000
 BASE_LR, BASE_BATCH = 0.4, 256  # the twins' quick recipe: peak lr = BASE_LR * batch / BASE_BATCH
-
-
-def int_list(text: str, what: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{what} takes comma-separated integers; got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{what} takes comma-separated positive integers; got {text!r}")
-    return values
 
 
 def run_name(variant: str, batch: int, seed: int) -> str:
@@ -90,9 +76,10 @@ def run_command(args, variant: str, batch: int, seed: int) -> tuple[str, str, li
 
 
 def collect(args) -> list[dict]:
+    """The finished runs of the planned ones (RunFailed when one was trained with other settings)."""
     rows = []
     for variant, batch, seed in jobs(args):
-        result = study.run_result(os.path.join(args.runs, run_name(variant, batch, seed)))
+        result = study.run_result(*run_command(args, variant, batch, seed))
         if result is not None:
             rows.append(dict(variant=variant, batch=batch, seed=seed, peak_lr=BASE_LR * batch / BASE_BATCH) | result)
     return rows
@@ -116,7 +103,7 @@ def summarize(rows: list[dict], variants: list[str], batches: list[int]) -> list
                     steps=mine[0]["steps"],
                     **{f"top1_{k}": v for k, v in top1.items()},
                     **{f"eval_loss_{k}": v for k, v in loss.items()},
-                    diverged_runs=sum(r["diverged_at"] is not None for r in mine),
+                    runs_with_nonfinite_steps=sum(r["nonfinite_at"] is not None for r in mine),
                     wall_seconds_mean=sum(walls) / len(walls) if walls else None,
                 )
             )
@@ -151,7 +138,9 @@ def plot(summary: list[dict], rows: list[dict], labels: dict[str, str], title: s
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--runs", default="runs/batch_size", help="folder of the training runs")
     parser.add_argument("--out", default="docs/results", help="folder of the tables and the plot")
     parser.add_argument("--batches", default="8,32,128,512,2048")
@@ -167,23 +156,27 @@ def parse(argv):
     )
     parser.add_argument("--report-only", action="store_true", help="rebuild the tables and plot from existing runs")
     args, extra = parser.parse_known_args(argv)
-    args.extra = [a for a in extra if a != "--"]
-    unknown = [a for a in args.extra if not a.startswith("--config.")]
-    if unknown:
-        parser.error(f"unrecognized arguments {unknown}; only --config.* overrides are passed to the runs")
     try:
-        args.batches = int_list(args.batches, "--batches")
-        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        args.widths = ",".join(map(str, int_list(args.widths, "--widths")))
+        args.extra = study.config_overrides(extra)
+        args.batches = sorted(study.number_list(args.batches, "--batches", int, 1))
+        args.seeds = study.number_list(args.seeds, "--seeds", int, 0)
+        args.widths = ",".join(map(str, study.number_list(args.widths, "--widths", int, 1, unique=False)))
+        args.variants = study.number_list(args.variants, "--variants", str)
     except ValueError as e:
         parser.error(str(e))
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if not args.variants or any(v not in VARIANTS for v in args.variants):
+    if any(v not in VARIANTS for v in args.variants):
         parser.error(f"--variants takes a comma-separated subset of {', '.join(VARIANTS)}; got {args.variants}")
-    if not args.seeds:
-        parser.error("--seeds is empty; give at least one seed")
-    if args.ghost < 1 or args.epochs <= 0:
-        parser.error(f"--ghost must be at least 1 and --epochs positive; got {args.ghost} and {args.epochs}")
+    if args.ghost < 1 or args.epochs <= 0 or args.stem_width < 1:
+        parser.error(
+            f"--ghost and --stem-width must be at least 1 and --epochs positive; got --ghost {args.ghost}, "
+            f"--stem-width {args.stem_width}, --epochs {args.epochs}"
+        )
+    uneven = [b for b in args.batches if b > args.ghost and b % args.ghost]
+    if "bn_ghost" in args.variants and uneven:
+        parser.error(f"bn_ghost splits each batch into groups of --ghost {args.ghost}; batches {uneven} do not divide")
+    if not jobs(args):
+        parser.error(f"nothing to train: bn_ghost alone runs only at batches above --ghost {args.ghost}")
+    args.data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
     return args
 
 
@@ -198,7 +191,11 @@ def main(argv=None) -> int:
         except study.RunFailed as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-    rows = collect(args)
+    try:
+        rows = collect(args)
+    except study.RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if not rows:
         print(f"error: no finished runs in {args.runs}; run without --report-only first", file=sys.stderr)
         return 1

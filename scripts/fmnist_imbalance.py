@@ -26,12 +26,8 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-try:
-    import nfjax.train  # noqa: F401  (first: it splits a CPU host into devices before JAX starts)
-except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, ROOT)
-    import nfjax.train  # noqa: F401
-
+sys.path.insert(0, ROOT)  # this checkout's nfjax and configs
+import nfjax.train  # noqa: E402, F401  (first: it splits a CPU host into devices before JAX starts)
 from nfjax import study  # noqa: E402
 from nfjax.data.fashion_mnist import DEBIAN_SOURCE_DIR, load_idx_split, store_fashion_mnist  # noqa: E402
 

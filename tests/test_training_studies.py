@@ -88,6 +88,53 @@ def test_batch_study_rerun_skips_finished_runs_and_reproduces_the_table(batch_st
     assert (base / "out" / "batch_size.csv").read_text() == before
 
 
+def test_batch_study_refuses_runs_trained_with_other_settings(batch_study, capsys):
+    driver, base, argv = batch_study
+    capsys.readouterr()
+    assert driver.main([*argv[: argv.index("--")], "--epochs", "2", *argv[argv.index("--") :]]) == 1
+    err = capsys.readouterr().err
+    assert "holds a run with other settings" in err and "epochs=2" in err and "Use another --runs folder" in err
+
+
+def test_a_run_that_stops_before_the_end_of_its_schedule_stops_the_study(monkeypatch, tmp_path):
+    import nfjax.train
+
+    monkeypatch.setattr(nfjax.train, "main", lambda argv: 0)  # returns without reaching the end (as after SIGTERM)
+    with pytest.raises(study.RunFailed, match="stopped before the end of its schedule; rerun the driver to resume"):
+        study.run_training(str(tmp_path / "run"), study.config_path("fmnist_nf"), [], log=lambda line: None)
+    assert json.loads((tmp_path / "run" / "study_run.json").read_text())["settings"] == ["configs/fmnist_nf.py"]
+
+
+def test_run_result_reports_the_first_interval_with_a_skipped_update(tmp_path):
+    rows = [
+        dict(step=5, split="train", loss=2.2, nonfinite_steps=0),
+        dict(step=10, split="train", loss=5e30, nonfinite_steps=2),  # finite mean of the steps that were applied
+        dict(step=15, split="train", loss=float("nan"), nonfinite_steps=5),
+        dict(step=20, split="train", loss=2.3, nonfinite_steps=0),
+        dict(step=20, split="eval", top1=0.1, loss=2.30),
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert study.run_result(str(tmp_path)) is None  # not finished: no final_metrics.json
+    (tmp_path / "final_metrics.json").write_text(json.dumps({"finished": True}))
+    result = study.run_result(str(tmp_path))
+    assert (result["nonfinite_at"], result["top1"], result["train_loss"], result["steps"]) == (10, 0.1, 2.3, 20)
+    (tmp_path / "final_metrics.json").write_text('{"finished": tr')  # cut short while written: not finished
+    assert study.run_result(str(tmp_path)) is None
+
+
+def test_agc_summary_averages_over_seeds_and_skips_nan_clip_fractions():
+    driver = _load("agc_sweep")
+    run = dict(base_lr=0.4, peak_lr=3.2, setting="agc0.02_excl", agc_lambda=0.02, classifier="excl", eval_loss=1.0)
+    rows = [
+        dict(run, seed=0, top1=0.8, max_train_loss=3.0, nonfinite_at=None, agc_clip_fraction_mean=0.2),
+        dict(run, seed=1, top1=0.6, max_train_loss=9.0, nonfinite_at=7, agc_clip_fraction_mean=0.4),
+    ]
+    (row,) = driver.summarize(rows)
+    assert (row["seeds"], row["top1_mean"], row["top1_min"], row["max_train_loss"]) == (2, pytest.approx(0.7), 0.6, 9.0)
+    assert row["agc_clip_fraction_mean"] == pytest.approx(0.3) and row["first_nonfinite_step"] == 7
+    assert row["runs_with_nonfinite_steps"] == 1
+
+
 def test_study_summary_mean_and_sample_std_by_hand():
     assert study.mean_spread([0.5, 0.7, 0.9]) == pytest.approx(dict(mean=0.7, std=0.2, min=0.5, max=0.9))
     assert study.mean_spread([0.5])["std"] == 0.0
@@ -142,14 +189,17 @@ def test_agc_sweep_runs_off_and_each_lambda_and_draws_the_curves(tiny_data, tmp_
     "name, argv, message",
     [
         ("batch_size_robustness", ["--variants", "nf,gn"], "--variants takes a comma-separated subset"),
-        ("batch_size_robustness", ["--batches", "8,0"], "--batches takes comma-separated positive integers"),
-        ("agc_sweep", ["--lambdas", "0.01,x"], "--lambdas takes comma-separated numbers"),
+        ("batch_size_robustness", ["--batches", "8,0"], "--batches takes values of at least 1"),
+        ("agc_sweep", ["--lambdas", "0.01,x"], "--lambdas takes comma-separated float values"),
         ("agc_sweep", ["--classifier", "head"], "--classifier takes excl, clip or excl,clip"),
-        ("agc_sweep", ["--", "--epochs=3"], "only --config.* overrides are passed"),
+        ("agc_sweep", ["--", "--epochs=3"], "only --config.KEY=VALUE overrides"),
+        ("agc_sweep", ["--lr", "0.1"], "only --config.KEY=VALUE overrides"),  # no abbreviations of --lrs
+        ("batch_size_robustness", ["--seeds", "0,x"], "--seeds takes comma-separated int values"),
+        ("batch_size_robustness", ["--batches", "8,36"], "batches [36] do not divide"),
+        ("batch_size_robustness", ["--variants", "bn_ghost", "--batches", "8"], "nothing to train"),
     ],
 )
 def test_study_drivers_refuse_bad_arguments_in_one_line(name, argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         _load(name).main(["--runs", str(tmp_path / "r"), *argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
-    assert not os.path.exists(tmp_path / "r")
