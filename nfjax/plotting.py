@@ -1,7 +1,8 @@
 """What the result drivers in scripts/ share: matplotlib (an optional extra), small PNGs, the software versions.
 
 matplotlib is the ``plots`` extra (``pip install -e '.[plots]'``); nothing in the library imports it, only the
-drivers that draw (scripts/signal_propagation.py, scripts/speed_nf_vs_bn.py), through :func:`import_pyplot`.
+drivers that draw (scripts/signal_propagation.py, speed_nf_vs_bn.py, batch_size_robustness.py, agc_sweep.py),
+through :func:`import_pyplot`.
 """
 
 from __future__ import annotations

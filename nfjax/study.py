@@ -27,6 +27,7 @@ class RunFailed(RuntimeError):
 
 
 SETTINGS_FILE = "study_run.json"
+NON_FINITE = ("nan", "inf", "-inf")
 
 
 def log_line(text: str) -> None:
@@ -112,17 +113,29 @@ def run_training(
 
 
 def read_metrics(workdir: str, split: str) -> list[dict]:
-    """The rows of ``workdir/metrics.jsonl`` for one split (``train``, ``eval``, ...), in step order; a row written
-    again after a resume replaces the earlier one of the same step."""
+    """The rows of ``workdir/metrics.jsonl`` for one split (``train``, ``eval``, ...), in step order, non-finite
+    values as floats; a row written again after a resume replaces the earlier one of the same step."""
     rows: dict[int, dict] = {}
     path = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
                 row = json.loads(line)
-                if row.get("split") == split:
-                    rows[row["step"]] = row
+                if row.get("split") == split:  # the writer stores non-finite values as "nan", "inf", "-inf"
+                    rows[row["step"]] = {k: float(v) if v in NON_FINITE else v for k, v in row.items()}
     return [rows[s] for s in sorted(rows)]
+
+
+def json_safe(value):
+    """``value`` with every non-finite float written as the metrics writer does ("nan", "inf", "-inf"), so that
+    the tables' JSON stays standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def wall_seconds(workdir: str) -> float | None:

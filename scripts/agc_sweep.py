@@ -290,7 +290,7 @@ def main(argv=None) -> int:
         environment=environment(),
     )
     csv_path, json_path = os.path.join(args.out, "agc_sweep.csv"), os.path.join(args.out, "agc_sweep.json")
-    write_table(summary, csv_path, json_path, dict(settings, summary=summary, runs=rows))
+    write_table(summary, csv_path, json_path, study.json_safe(dict(settings, summary=summary, runs=rows)))
     title = (
         f"NF twin (widths {args.widths}), batch {args.batch}, {args.epochs:g} epochs; {len(rows)} of {len(todo)} runs"
     )

@@ -218,7 +218,7 @@ def main(argv=None) -> int:
         environment=environment(),
     )
     csv_path, json_path = os.path.join(args.out, "batch_size.csv"), os.path.join(args.out, "batch_size.json")
-    write_table(summary, csv_path, json_path, dict(settings, summary=summary, runs=rows))
+    write_table(summary, csv_path, json_path, study.json_safe(dict(settings, summary=summary, runs=rows)))
     title = (
         f"Fashion-MNIST twins (widths {args.widths}), {args.epochs:g} epochs, {len(args.seeds)} seed(s); "
         f"{len(rows)} of {len(todo)} runs"

@@ -109,15 +109,17 @@ def test_run_result_reports_the_first_interval_with_a_skipped_update(tmp_path):
     rows = [
         dict(step=5, split="train", loss=2.2, nonfinite_steps=0),
         dict(step=10, split="train", loss=5e30, nonfinite_steps=2),  # finite mean of the steps that were applied
-        dict(step=15, split="train", loss=float("nan"), nonfinite_steps=5),
+        dict(step=15, split="train", loss="nan", nonfinite_steps=5),  # as the metrics writer stores it
         dict(step=20, split="train", loss=2.3, nonfinite_steps=0),
-        dict(step=20, split="eval", top1=0.1, loss=2.30),
+        dict(step=20, split="eval", top1=0.1, loss="inf"),
     ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert study.run_result(str(tmp_path)) is None  # not finished: no final_metrics.json
     (tmp_path / "final_metrics.json").write_text(json.dumps({"finished": True}))
     result = study.run_result(str(tmp_path))
     assert (result["nonfinite_at"], result["top1"], result["train_loss"], result["steps"]) == (10, 0.1, 2.3, 20)
+    assert result["eval_loss"] == math.inf and math.isnan(study.read_metrics(str(tmp_path), "train")[2]["loss"])
+    assert study.json_safe({"a": [math.inf, 1.0], "b": math.nan}) == {"a": ["inf", 1.0], "b": "nan"}
     (tmp_path / "final_metrics.json").write_text('{"finished": tr')  # cut short while written: not finished
     assert study.run_result(str(tmp_path)) is None
 
