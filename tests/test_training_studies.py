@@ -205,3 +205,19 @@ def test_study_drivers_refuse_bad_arguments_in_one_line(name, argv, message, cap
     with pytest.raises(SystemExit) as exit_info:
         _load(name).main(["--runs", str(tmp_path / "r"), *argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["batch_size_robustness", "agc_sweep"])
+def test_study_drivers_without_matplotlib_stop_before_training(name, monkeypatch, tmp_path):
+    import sys
+
+    from nfjax.plotting import PLOTS_INSTALL_HINT
+
+    module = _load(name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    assert "matplotlib is not installed" in str(exit_info.value.code) and PLOTS_INSTALL_HINT in str(
+        exit_info.value.code
+    )
+    assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "out")
