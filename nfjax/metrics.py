@@ -121,10 +121,15 @@ class Progress:
     def update(self, n: int = 1, **postfix: Any) -> None:
         if self._bar is not None:
             if postfix:
-                self._bar.set_postfix(
-                    {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in postfix.items()}, refresh=False
-                )
+                self.set_postfix(**postfix)
             self._bar.update(n)
+
+    def set_postfix(self, **postfix: Any) -> None:
+        """Values shown after the bar (floats to 4 significant digits), drawn at the bar's next refresh."""
+        if self._bar is not None:
+            self._bar.set_postfix(
+                {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in postfix.items()}, refresh=False
+            )
 
     def write(self, message: str) -> None:
         if self._bar is not None:

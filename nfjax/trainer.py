@@ -7,6 +7,7 @@ checkpoints with automatic resume, evaluation of raw and EMA weights, JSON-lines
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -30,6 +31,9 @@ from nfjax.plateau import HIGHER_IS_BETTER
 from nfjax.plateau import describe as describe_plateau
 
 TRAIN_MEANS = ("loss", "top1", "grad_norm", "param_norm", "update_norm", "agc_clip_fraction")
+# Steps dispatched ahead of the newest finished one: the host prepares the next batches while the device computes,
+# and the batches queued on the device stay bounded however far apart the log steps are.
+MAX_STEPS_IN_FLIGHT = 2
 
 
 class Preemption:
@@ -232,28 +236,31 @@ class TrainingLoop:
                 start_step=start,
                 seed=train.seed,
             )
-            interval, t0, self.consecutive_nonfinite = [], time.time(), 0
+            t0, self.consecutive_nonfinite, self.pending, self.interval = time.time(), 0, [], []
             for step in range(start, end):
                 state, metrics = self._step(state, self._next_batch(batches, step + 1), step + 1)
-                self._check_finite(metrics, step + 1, state)
-                interval.append(metrics)
                 done = step + 1
+                self._bound_in_flight(done, metrics)
                 watchdog.beat(where)
-                self.progress.update(1, loss=float(metrics["loss"]), lr=float(metrics["lr"]))
+                self.progress.update(1)
                 if done % train.log_every_steps == 0 or done == end:
-                    self._log_train(done, interval, time.time() - t0)
-                    interval, t0 = [], time.time()
+                    self._flush(state)
+                    self._log_train(done, self.interval, time.time() - t0)
+                    self.interval, t0 = [], time.time()
                 if done % lengths.eval_every == 0 or done == lengths.total_steps:
+                    self._flush(state)
                     final = self._evaluate(state, done)
                     state = self._update_plateau(state, final, done)
                     watchdog.beat(where)
                 stop = preempt.agreed()
                 if done % train.checkpoint_every_steps == 0 or done == end or stop:
+                    self._flush(state)  # no checkpoint after an unchecked step (a non-finite one stops the run)
                     self.ckpt.save(done, state, self.exp.checkpoint_meta())
                     watchdog.beat(where)
                 if stop:
                     self.progress.write(f"SIGTERM: saved a checkpoint at step {done}; rerun the same command to resume")
                     break
+            self._flush(state)
             self.ckpt.wait()
         finally:
             watchdog.close()
@@ -268,16 +275,43 @@ class TrainingLoop:
         return final
 
     def _step(self, state: dict, batch: dict, step: int) -> tuple[dict, dict]:
-        """One jitted step and its metrics on the host. In a multi-process run a failed collective means a peer
-        died: one paragraph saying so, not a runtime traceback."""
+        """One jitted step, dispatched: its metrics stay on the device until :meth:`_flush`."""
+        with self._peer_failure(f"step {step}"):
+            return self.step_fn(state, batch)
+
+    def _bound_in_flight(self, step: int, metrics: dict) -> None:
+        """Queues the step's metrics and waits (no transfer) until step ``step - MAX_STEPS_IN_FLIGHT`` is done."""
+        self.pending.append((step, metrics))
+        if len(self.pending) > MAX_STEPS_IN_FLIGHT:
+            waited, waited_metrics = self.pending[-1 - MAX_STEPS_IN_FLIGHT]
+            with self._peer_failure(f"step {waited}"):
+                jax.block_until_ready(waited_metrics["loss"])
+
+    def _flush(self, state: dict) -> None:
+        """Fetches the pending steps' metrics in one transfer; in step order, checks each for a non-finite loss
+        and adds it to the log interval; shows the last step's loss and learning rate on the progress bar."""
+        if not self.pending:
+            return
+        steps = [step for step, _ in self.pending]
+        with self._peer_failure(f"step {steps[0]}" if len(steps) == 1 else f"one of steps {steps[0]}-{steps[-1]}"):
+            fetched = jax.device_get([metrics for _, metrics in self.pending])
+        self.pending = []
+        for step, metrics in zip(steps, fetched, strict=True):
+            self._check_finite(metrics, step, state)
+            self.interval.append(metrics)
+        self.progress.set_postfix(loss=float(fetched[-1]["loss"]), lr=float(fetched[-1]["lr"]))
+
+    @contextlib.contextmanager
+    def _peer_failure(self, what: str):
+        """In a multi-process run a failed collective means a peer died: one paragraph saying so, not a runtime
+        traceback. With asynchronous dispatch the failure surfaces at the step, at a wait or at a fetch."""
         try:
-            state, metrics = self.step_fn(state, batch)
-            return state, jax.device_get(metrics)
+            yield
         except jax.errors.JaxRuntimeError as e:
             if jax.process_count() == 1:
                 raise
             raise RunError(
-                f"step {step} failed in a collective ({first_line(e)}): another process of this run has probably "
+                f"{what} failed in a collective ({first_line(e)}): another process of this run has probably "
                 "died. Rerun the same command on every process to resume from the checkpoint at step "
                 f"{self.ckpt.latest_step()}."
             ) from None

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from nfjax import evaluate as evaluate_lib
-from nfjax import optim, predict, train
+from nfjax import optim, predict, train, trainer
 from nfjax.clipping import leaf_paths
 from nfjax.config_lib import load_config_file
 from nfjax.experiment import load_run
@@ -272,6 +272,57 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(trained, fmnist_dir, tmp
     paths = leaf_paths(load_run(workdir, num_devices=1).weights["params"])
     assert any(f"norm is {p}." in message for p in paths), message
     assert snapshot(workdir / "checkpoints") == before
+
+
+def metric_dicts(tree) -> int:
+    """How many steps' metrics (dicts with 'finite') a ``jax.device_get`` argument holds."""
+    if isinstance(tree, dict):
+        return 1 if "finite" in tree else sum(metric_dicts(v) for v in tree.values())
+    return sum(metric_dicts(v) for v in tree) if isinstance(tree, (list, tuple)) else 0
+
+
+def test_metrics_are_fetched_once_per_log_step_not_every_step(trained, fmnist_dir, tmp_path, monkeypatch):
+    """8 steps logged every 4, no evaluation or checkpoint between: two transfers of metrics, 4 steps each."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    fetches, device_get = [], jax.device_get
+
+    def counting(tree):
+        if metric_dicts(tree):
+            fetches.append(metric_dicts(tree))
+        return device_get(tree)
+
+    monkeypatch.setattr(trainer.jax, "device_get", counting)
+    code = train.main(nf_args(fmnist_dir, workdir, "--config.train.max_steps=8", "--config.train.log_every_steps=4"))
+    monkeypatch.undo()
+    assert code == 0
+    assert fetches == [4, 4]
+    rows = [r for r in train_rows(workdir) if r["step"] > STEPS]
+    assert [r["step"] for r in rows] == [STEPS + 4, STEPS + 8] and all(np.isfinite(r["loss"]) for r in rows)
+    assert checkpoint_steps(workdir) == [STEPS, STEPS + 8]
+
+
+def test_a_non_finite_step_between_log_steps_stops_before_the_next_checkpoint(
+    trained, fmnist_dir, tmp_path, capsys, monkeypatch
+):
+    """A NaN batch at step STEPS + 5, logs every 10 steps, checkpoints every 3: the checkpoint due one step later
+    checks the pending steps first, so the run stops there naming the bad step, and the newest checkpoint stays the
+    last good one (step 15)."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    bad, next_batch = STEPS + 5, trainer.TrainingLoop._next_batch
+
+    def poisoned(self, batches, step):
+        batch = next_batch(self, batches, step)
+        return dict(batch, image=batch["image"] * np.nan) if step == bad else batch
+
+    monkeypatch.setattr(trainer.TrainingLoop, "_next_batch", poisoned)
+    extra = ("--config.train.max_steps=8", "--config.train.log_every_steps=10")
+    extra += ("--config.train.checkpoint_every_steps=3",)
+    code = train.main(nf_args(fmnist_dir, workdir, *extra))
+    assert_clean_error(code, capsys.readouterr().err, f"non-finite loss (nan) at step {bad};", "after step 15")
+    assert checkpoint_steps(workdir) == [STEPS, 15]
+    assert train_rows(workdir)[-1]["step"] == STEPS
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(fmnist_dir, tmp_path, capsys):
