@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shlex
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -212,3 +213,46 @@ def config_overrides(extra: Sequence[str]) -> list[str]:
             f"unrecognized arguments {unknown}; only --config.KEY=VALUE overrides (with '=') are passed to the runs"
         )
     return extra
+
+
+def train_then_collect(
+    commands: Sequence[tuple[str, str, Sequence[str]]], collect: Callable[[], list[dict]], runs: str, report_only: bool
+) -> list[dict] | None:
+    """A driver's body: trains every ``(workdir, config, overrides)`` in order (unless ``report_only``), then
+    returns ``collect()``, the finished runs' rows. On a failed, stopped or mismatched run, or when no run has
+    finished, prints one ``error:`` line and returns None (the driver exits with status 1)."""
+    try:
+        if not report_only:
+            run_all(commands, time.time())
+        rows = collect()
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    if not rows:
+        print(f"error: no finished runs in {runs}; run without --report-only first", file=sys.stderr)
+        return None
+    return rows
+
+
+def study_record(settings: dict, rows: list[dict], planned: int, start: float) -> dict:
+    """``settings`` with what every result table records besides its rows: finished and planned runs, the sum of
+    the runs' wall times, this invocation's wall time and the software and machine (nfjax.plotting.environment)."""
+    from nfjax.plotting import environment
+
+    walls = [r["wall_seconds"] for r in rows if r.get("wall_seconds") is not None]
+    return dict(
+        settings,
+        runs_finished=len(rows),
+        runs_planned=planned,
+        runs_wall_seconds_sum=round(sum(walls), 1),
+        driver_wall_seconds=round(time.time() - start, 1),
+        environment=environment(),
+    )
+
+
+def totals_line(record: dict) -> str:
+    return (
+        f"{record['runs_finished']} of {record['runs_planned']} runs finished; their training took "
+        f"{record['runs_wall_seconds_sum'] / 60:.1f} min in all; this invocation "
+        f"{record['driver_wall_seconds'] / 60:.1f} min"
+    )

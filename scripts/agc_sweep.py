@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's nfjax and configs
 import nfjax.train  # noqa: E402, F401  (first: it splits a CPU host into devices before JAX starts)
 from nfjax import study  # noqa: E402
-from nfjax.plotting import environment, import_pyplot, save_png, write_table  # noqa: E402
+from nfjax.plotting import import_pyplot, save_png, write_table  # noqa: E402
 
 FMNIST_TRAIN_EXAMPLES = 60_000
 CLASSIFIER = {  # setting -> (clip_exclude regexes, what it is)
@@ -257,22 +257,11 @@ def main(argv=None) -> int:
     import_pyplot()  # fail before training when matplotlib is missing
     start = time.time()
     todo = jobs(args)
-    if not args.report_only:
-        try:
-            study.run_all([run_command(args, *job) for job in todo], start)
-        except study.RunFailed as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-    try:
-        rows = collect(args)
-    except study.RunFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if not rows:
-        print(f"error: no finished runs in {args.runs}; run without --report-only first", file=sys.stderr)
+    commands = [run_command(args, *job) for job in todo]
+    rows = study.train_then_collect(commands, lambda: collect(args), args.runs, args.report_only)
+    if rows is None:
         return 1
     summary = summarize(rows)
-    run_walls = [r["wall_seconds"] for r in rows if r["wall_seconds"] is not None]
     settings = dict(
         batch=args.batch,
         base_lrs=args.lrs,
@@ -283,12 +272,8 @@ def main(argv=None) -> int:
         widths=args.widths,
         stem_width=args.stem_width,
         extra_overrides=args.extra,
-        runs_finished=len(rows),
-        runs_planned=len(todo),
-        runs_wall_seconds_sum=round(sum(run_walls), 1),
-        driver_wall_seconds=round(time.time() - start, 1),
-        environment=environment(),
     )
+    settings = study.study_record(settings, rows, len(todo), start)
     csv_path, json_path = os.path.join(args.out, "agc_sweep.csv"), os.path.join(args.out, "agc_sweep.json")
     write_table(summary, csv_path, json_path, study.json_safe(dict(settings, summary=summary, runs=rows)))
     title = (
@@ -308,10 +293,7 @@ def main(argv=None) -> int:
             f"largest training loss {peak}{bad}"
         )
     print(f"wrote {csv_path}, {json_path}, {', '.join(pngs)}")
-    print(
-        f"{len(rows)} of {len(todo)} runs finished; their training took {settings['runs_wall_seconds_sum'] / 60:.1f} "
-        f"min in all; this invocation {settings['driver_wall_seconds'] / 60:.1f} min"
-    )
+    print(study.totals_line(settings))
     return 0
 
 

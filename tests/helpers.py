@@ -110,3 +110,13 @@ def two_class_image_folder(root, per_class=16):
                 pixels = rng.integers(0, 120, (28, 28, 3)) + 120 * label
                 Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
     return root
+
+
+def load_script(name):
+    """scripts/NAME.py imported as a module (the drivers are scripts, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

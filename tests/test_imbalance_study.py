@@ -1,20 +1,16 @@
 """scripts/fmnist_imbalance.py on tiny settings: the imbalanced split it writes, one training run, the report."""
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 
-from helpers import ROOT
+from helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("fmnist_imbalance", ROOT / "scripts" / "fmnist_imbalance.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("fmnist_imbalance")
 
 
 def test_imbalanced_indices_keep_the_fraction_of_the_cut_classes_and_all_others(study):

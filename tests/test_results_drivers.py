@@ -1,7 +1,6 @@
 """The result drivers in scripts/ on tiny settings: tables, PNGs with the expected series, seeds, no matplotlib."""
 
 import csv
-import importlib.util
 import json
 import os
 import sys
@@ -11,7 +10,8 @@ import pytest
 
 from nfjax.plotting import PLOTS_INSTALL_HINT, is_png
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import load_script
+
 TINY = dict(widths=(8, 16), depths=(2, 1), strides=(1, 2), stem_width=8)
 TINY_SERIES = {
     "NF": ("nf_resnet_small", {"skipinit_gain": 1.0, **TINY}),
@@ -21,21 +21,14 @@ TINY_SERIES = {
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def signal():
-    return _load("signal_propagation")
+    return load_script("signal_propagation")
 
 
 @pytest.fixture(scope="module")
 def speed():
-    return _load("speed_nf_vs_bn")
+    return load_script("speed_nf_vs_bn")
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +151,7 @@ def test_speed_driver_refuses_a_bad_pair(speed, capsys):
 
 @pytest.mark.parametrize("driver", ["signal_propagation", "speed_nf_vs_bn"])
 def test_missing_matplotlib_stops_with_the_install_command(driver, monkeypatch, tmp_path):
-    module = _load(driver)
+    module = load_script(driver)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
     argv = ["--out", str(tmp_path / "out")] + (["--pairs", "nf_resnet_small:resnet_small"] if "speed" in driver else [])
     with pytest.raises(SystemExit) as exit_info:

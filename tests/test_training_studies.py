@@ -2,7 +2,6 @@
 settings: real training runs on 64 Fashion-MNIST images, tables, PNGs with the expected series, skip on rerun."""
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -13,16 +12,10 @@ import pytest
 from nfjax import study
 from nfjax.plotting import is_png
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import load_script
+
 TINY = ["--widths", "8,16,16", "--stem-width", "8", "--epochs", "1", "--train-examples", "64"]
 TINY_CONFIG = ["--", "--config.train.eval_batch=32", "--config.optim.warmup_epochs=0"]
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +31,7 @@ def tiny_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def batch_study(tiny_data, tmp_path_factory):
-    driver = _load("batch_size_robustness")
+    driver = load_script("batch_size_robustness")
     base = tmp_path_factory.mktemp("batch_study")
     argv = ["--runs", str(base / "runs"), "--out", str(base / "out"), "--batches", "8,16", "--seeds", "0"]
     argv += ["--variants", "nf,bn_ghost", "--ghost", "8", "--data-dir", tiny_data, *TINY, *TINY_CONFIG]
@@ -125,7 +118,7 @@ def test_run_result_reports_the_first_interval_with_a_skipped_update(tmp_path):
 
 
 def test_agc_summary_averages_over_seeds_and_skips_nan_clip_fractions():
-    driver = _load("agc_sweep")
+    driver = load_script("agc_sweep")
     run = dict(base_lr=0.4, peak_lr=3.2, setting="agc0.02_excl", agc_lambda=0.02, classifier="excl", eval_loss=1.0)
     rows = [
         dict(run, seed=0, top1=0.8, max_train_loss=3.0, nonfinite_at=None, agc_clip_fraction_mean=0.2),
@@ -145,7 +138,7 @@ def test_study_summary_mean_and_sample_std_by_hand():
 def test_agc_sweep_runs_off_and_each_lambda_and_draws_the_curves(tiny_data, tmp_path):
     from nfjax.cli import parse_args
 
-    driver = _load("agc_sweep")
+    driver = load_script("agc_sweep")
     argv = ["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--batch", "16", "--lrs", "0.4"]
     argv += ["--lambdas", "0.16", "--classifier", "excl", "--data-dir", tiny_data, *TINY, *TINY_CONFIG]
     assert driver.main(argv) == 0
@@ -203,7 +196,7 @@ def test_agc_sweep_runs_off_and_each_lambda_and_draws_the_curves(tiny_data, tmp_
 )
 def test_study_drivers_refuse_bad_arguments_in_one_line(name, argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
-        _load(name).main(["--runs", str(tmp_path / "r"), *argv])
+        load_script(name).main(["--runs", str(tmp_path / "r"), *argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -213,7 +206,7 @@ def test_study_drivers_without_matplotlib_stop_before_training(name, monkeypatch
 
     from nfjax.plotting import PLOTS_INSTALL_HINT
 
-    module = _load(name)
+    module = load_script(name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
