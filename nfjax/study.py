@@ -256,3 +256,19 @@ def totals_line(record: dict) -> str:
         f"{record['runs_wall_seconds_sum'] / 60:.1f} min in all; this invocation "
         f"{record['driver_wall_seconds'] / 60:.1f} min"
     )
+
+
+def add_twin_arguments(parser, runs: str, seeds: str) -> None:
+    """The arguments the Fashion-MNIST twin studies share: where runs and results go, seeds, epochs, the twins'
+    narrowing, the TFDS folder and --report-only."""
+    parser.add_argument("--runs", default=runs, help="folder of the training runs")
+    parser.add_argument("--out", default="docs/results", help="folder of the tables and plots")
+    parser.add_argument("--seeds", default=seeds, help="comma-separated training seeds")
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--widths", default="24,48,96", help="the twins' stage widths")
+    parser.add_argument("--stem-width", type=int, default=16)
+    parser.add_argument("--data-dir", default="~/tensorflow_datasets", help="TFDS folder with fashion_mnist")
+    parser.add_argument(
+        "--train-examples", type=int, default=60_000, help="training examples (sets log and checkpoint spacing)"
+    )
+    parser.add_argument("--report-only", action="store_true", help="rebuild the tables and plots from existing runs")

@@ -39,7 +39,6 @@ import nfjax.train  # noqa: E402, F401  (first: it splits a CPU host into device
 from nfjax import study  # noqa: E402
 from nfjax.plotting import import_pyplot, save_png, write_table  # noqa: E402
 
-FMNIST_TRAIN_EXAMPLES = 60_000
 CLASSIFIER = {  # setting -> (clip_exclude regexes, what it is)
     "excl": ("('(^|/)classifier/kernel$', '(^|/)skip_gain$')", "classifier not clipped"),
     "clip": ("('(^|/)skip_gain$',)", "classifier clipped"),
@@ -214,21 +213,11 @@ def parse(argv):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
-    parser.add_argument("--runs", default="runs/agc", help="folder of the training runs")
-    parser.add_argument("--out", default="docs/results", help="folder of the tables and plots")
+    study.add_twin_arguments(parser, runs="runs/agc", seeds="0")
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--lrs", default="0.4,1.6", help="base learning rates (per 256 examples)")
     parser.add_argument("--lambdas", default="0.01,0.02,0.04,0.08,0.16")
     parser.add_argument("--classifier", default="excl,clip", help="classifier settings: excl, clip or both")
-    parser.add_argument("--seeds", default="0")
-    parser.add_argument("--epochs", type=float, default=2.0)
-    parser.add_argument("--widths", default="24,48,96", help="the twin's stage widths")
-    parser.add_argument("--stem-width", type=int, default=16)
-    parser.add_argument("--data-dir", default="~/tensorflow_datasets", help="TFDS folder with fashion_mnist")
-    parser.add_argument(
-        "--train-examples", type=int, default=FMNIST_TRAIN_EXAMPLES, help="training examples (sets checkpointing)"
-    )
-    parser.add_argument("--report-only", action="store_true", help="rebuild the tables and plots from existing runs")
     args, extra = parser.parse_known_args(argv)
     try:
         args.extra = study.config_overrides(extra)

@@ -39,7 +39,6 @@ VARIANTS = {  # name -> (config, what it is)
     "bn": ("fmnist_bn", "BN twin, statistics over the global batch"),
     "bn_ghost": ("fmnist_bn", "BN twin, statistics over groups of {ghost}"),
 }
-FMNIST_TRAIN_EXAMPLES = 60_000
 BASE_LR, BASE_BATCH = 0.4, 256  # the twins' quick recipe: peak lr = BASE_LR * batch / BASE_BATCH
 
 
@@ -141,20 +140,10 @@ def parse(argv):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
-    parser.add_argument("--runs", default="runs/batch_size", help="folder of the training runs")
-    parser.add_argument("--out", default="docs/results", help="folder of the tables and the plot")
+    study.add_twin_arguments(parser, runs="runs/batch_size", seeds="0,1,2")
     parser.add_argument("--batches", default="8,32,128,512,2048")
-    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--variants", default="nf,bn,bn_ghost", help=f"comma-separated subset of {', '.join(VARIANTS)}")
     parser.add_argument("--ghost", type=int, default=8, help="examples per BatchNorm statistics group of bn_ghost")
-    parser.add_argument("--epochs", type=float, default=2.0)
-    parser.add_argument("--widths", default="24,48,96", help="the twins' stage widths")
-    parser.add_argument("--stem-width", type=int, default=16)
-    parser.add_argument("--data-dir", default="~/tensorflow_datasets", help="TFDS folder with fashion_mnist")
-    parser.add_argument(
-        "--train-examples", type=int, default=FMNIST_TRAIN_EXAMPLES, help="training examples (sets the log spacing)"
-    )
-    parser.add_argument("--report-only", action="store_true", help="rebuild the tables and plot from existing runs")
     args, extra = parser.parse_known_args(argv)
     try:
         args.extra = study.config_overrides(extra)
