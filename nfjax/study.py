@@ -116,14 +116,12 @@ def run_training(
 def read_metrics(workdir: str, split: str) -> list[dict]:
     """The rows of ``workdir/metrics.jsonl`` for one split (``train``, ``eval``, ...), in step order, non-finite
     values as floats; a row written again after a resume replaces the earlier one of the same step."""
+    from nfjax.metrics import read_metrics as read_all
+
     rows: dict[int, dict] = {}
-    path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                row = json.loads(line)
-                if row.get("split") == split:  # the writer stores non-finite values as "nan", "inf", "-inf"
-                    rows[row["step"]] = {k: float(v) if v in NON_FINITE else v for k, v in row.items()}
+    for row in read_all(workdir):
+        if row.get("split") == split:  # the writer stores non-finite values as "nan", "inf", "-inf"
+            rows[row["step"]] = {k: float(v) if v in NON_FINITE else v for k, v in row.items()}
     return [rows[s] for s in sorted(rows)]
 
 
