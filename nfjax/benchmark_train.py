@@ -14,7 +14,6 @@ eval step of ``nfjax.evaluate`` instead (inference-mode forward, loss and top-1/
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import re
@@ -39,19 +38,9 @@ def timm_name(name: str) -> str | None:
     return None
 
 
-def model_overrides(name: str, grouped_impl: str) -> dict:
-    """Constructor overrides for the benchmark: grouped_impl where the model takes it."""
-    from nfjax.models import MODELS
-
-    if "grouped_impl" in inspect.signature(MODELS[name][0].__init__).parameters:
-        return {"grouped_impl": grouped_impl}
-    return {}
-
-
-def build_jax_step(name: str, image_size: int, batch: int, dtype: str, overrides: dict, step: str = "train"):
-    """Returns (jitted step, state, batch) for one device: the experiment and train step exactly as
-    ``nfjax.train`` assembles them (default optimizer: AGC -> weight decay -> SGD-Nesterov; EMA off), on
-    random data. ``step='eval'``: the experiment's eval step, ``eval_step(params, batch_stats, batch)``."""
+def build_benchmark_experiment(name: str, image_size: int, batch: int, dtype: str = "float32"):
+    """(experiment, train state, batch on the device) for one device, assembled as ``nfjax.train`` does it
+    (default optimizer: AGC -> weight decay -> SGD-Nesterov; EMA off), on random data of 1000 classes."""
     import jax
     import numpy as np
 
@@ -60,7 +49,7 @@ def build_jax_step(name: str, image_size: int, batch: int, dtype: str, overrides
     from nfjax.data import DatasetInfo
     from nfjax.experiment import build_experiment
 
-    cfg = base_config(name, overrides)
+    cfg = base_config(name, {})
     cfg.optim.ema_decay = 0.0
     cfg.train.update(global_batch=batch, total_steps=1000, compute_dtype=dtype)
     info = DatasetInfo(100 * batch, 0, 1000, (image_size, image_size, 3), ())
@@ -70,44 +59,73 @@ def build_jax_step(name: str, image_size: int, batch: int, dtype: str, overrides
         image=rng.standard_normal((batch, image_size, image_size, 3), np.float32),
         label=rng.integers(0, 1000, batch).astype(np.int32),
     )
-    jitted = exp.train_step() if step == "train" else exp.eval_step
-    return jitted, exp.create_state(), jax.device_put(data, parallel.batch_sharding(exp.mesh))
+    return exp, exp.create_state(), jax.device_put(data, parallel.batch_sharding(exp.mesh))
 
 
-def _progress(label: str, index: int, args, seconds: float) -> None:
+def build_jax_step(name: str, image_size: int, batch: int, dtype: str, step: str = "train"):
+    """Returns (jitted step, state, batch): the experiment's train step, or with ``step='eval'`` its eval step,
+    ``eval_step(params, batch_stats, batch)``."""
+    exp, state, data = build_benchmark_experiment(name, image_size, batch, dtype)
+    return (exp.train_step() if step == "train" else exp.eval_step), state, data
+
+
+def _progress(label: str, index: int, total: int, phase: str, seconds: float) -> None:
     if seconds >= PROGRESS_AFTER_S:
-        phase = "warm-up" if index < args.warmup else f"timed {index - args.warmup + 1}/{args.steps}"
-        print(f"  {label} step {index + 1}/{args.warmup + args.steps} ({phase}): {seconds:.2f} s", file=sys.stderr)
+        print(f"  {label} step {index + 1}/{total} ({phase}): {seconds:.2f} s", file=sys.stderr)
 
 
-def time_steps(run_step, args, label: str) -> dict:
-    """Runs ``warmup + steps`` steps; returns the timed steps' wall-clock and process CPU seconds (all threads;
-    less sensitive to other programs sharing the machine) and the loss of the last step."""
-    times, cpu_times, loss = [], [], float("nan")
-    for index in range(args.warmup + args.steps):
+class Runner:
+    """One implementation's step: ``run()`` does a step and returns its loss; ``info`` goes into its row."""
+
+    def __init__(self, label: str, run, info: dict):
+        self.label, self.run, self.info = label, run, info
+        self.times: list[float] = []
+        self.cpu_times: list[float] = []
+        self.loss = float("nan")
+
+    def step(self, index: int, total: int, phase: str, timed: bool) -> None:
         start, cpu_start = time.perf_counter(), time.process_time()
-        loss = run_step()
+        self.loss = self.run()
         seconds = time.perf_counter() - start
-        _progress(label, index, args, seconds)
-        if index >= args.warmup:
-            times.append(seconds)
-            cpu_times.append(time.process_time() - cpu_start)
-    return dict(step_times_s=times, step_cpu_s=statistics.median(cpu_times), loss=loss)
+        _progress(self.label, index, total, phase, seconds)
+        if timed:
+            self.times.append(seconds)
+            self.cpu_times.append(time.process_time() - cpu_start)
+
+    def row(self) -> dict:
+        cpu_s = statistics.median(self.cpu_times)
+        return dict(impl=self.label, **self.info, step_times_s=self.times, step_cpu_s=cpu_s, loss=self.loss)
 
 
-def time_jax(args, overrides: dict) -> dict:
+def time_rounds(runners: list[Runner], args) -> None:
+    """Warms every runner up, then alternates them: ``rounds`` rounds of ``steps`` timed steps each, so that
+    load from other programs on a shared machine falls on every side alike."""
+    for runner in runners:
+        for index in range(args.warmup):
+            runner.step(index, args.warmup, "warm-up", timed=False)
+    total = args.rounds * args.steps
+    for r in range(args.rounds):
+        for runner in runners:
+            for i in range(args.steps):
+                runner.step(r * args.steps + i, total, f"round {r + 1}/{args.rounds}", timed=True)
+
+
+def jax_runner(args) -> Runner:
+    """The nfjax step, compiled (with ``--lowering`` in force while it is traced) and run once."""
+    import resource
+
     import jax
 
+    from nfjax.models.lowering import forced_lowering
+
     start = time.perf_counter()
-    step, state, batch = build_jax_step(args.model, args.image_size, args.batch, args.dtype, overrides, args.step)
+    step, state, batch = build_jax_step(args.model, args.image_size, args.batch, args.dtype, args.step)
     init_s = time.perf_counter() - start
     print(f"  nfjax: compiling the {args.step} step of {args.model} ...", file=sys.stderr)
     start = time.perf_counter()
-    if args.step == "eval":
-        weights = (state["params"], state.get("batch_stats", {}))
-        compiled = step.lower(*weights, batch).compile()
-    else:
-        compiled = step.lower(state, batch).compile()
+    weights = (state["params"], state.get("batch_stats", {}))
+    with forced_lowering(None if args.lowering == "auto" else args.lowering):
+        compiled = (step.lower(*weights, batch) if args.step == "eval" else step.lower(state, batch)).compile()
     compile_s = time.perf_counter() - start
     holder = {"state": state}
 
@@ -119,11 +137,31 @@ def time_jax(args, overrides: dict) -> dict:
         jax.block_until_ready((holder["state"], metrics))
         return float(metrics["loss"])
 
-    return dict(impl="nfjax", init_s=init_s, compile_s=compile_s, **time_steps(run_step, args, "nfjax"))
+    run_step()  # allocates: the peak resident memory below includes one executed step
+    info = dict(init_s=init_s, compile_s=compile_s, **step_memory(compiled))
+    info["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return Runner("nfjax", run_step, info)
 
 
-def time_timm(args, name: str) -> dict:
-    """The same training step in eager PyTorch: timm model, cross-entropy, AGC, SGD-Nesterov."""
+def step_memory(compiled) -> dict:
+    """XLA's memory plan of a compiled step, GiB: arguments, outputs (aliased with donated arguments) and
+    temporaries (activations kept for the backward pass, gradients, workspace). Empty where not reported."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # not every backend/jaxlib implements it
+        return {}
+    if stats is None:
+        return {}
+    return dict(
+        argument_gib=stats.argument_size_in_bytes / 2**30,
+        output_gib=stats.output_size_in_bytes / 2**30,
+        temp_gib=stats.temp_size_in_bytes / 2**30,
+    )
+
+
+def timm_runner(args, name: str) -> Runner:
+    """The same step in eager PyTorch. Train: timm model, cross-entropy, backward, AGC, SGD-Nesterov. Eval:
+    inference-mode forward under no_grad, summed cross-entropy and the top-1/top-5 counts."""
     import torch
     import torch.nn.functional as F
 
@@ -131,7 +169,7 @@ def time_timm(args, name: str) -> dict:
     adaptive_clip_grad = timm.utils.adaptive_clip_grad
     torch.set_num_threads(cpu_cores())
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, num_classes=1000).train()
+    model = timm.create_model(name, pretrained=False, num_classes=1000).train(args.step == "train")
     x = torch.randn(args.batch, 3, args.image_size, args.image_size)
     if args.channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
@@ -145,19 +183,27 @@ def time_timm(args, name: str) -> dict:
     opt = torch.optim.SGD(groups, lr=0.1 * args.batch / 256, momentum=0.9, nesterov=True)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
-    def run_step() -> float:
+    def train_step() -> float:
         opt.zero_grad(set_to_none=True)
         with autocast:
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         adaptive_clip_grad(clipped, clip_factor=0.01, eps=1e-3)
         opt.step()
-        return float(loss)
+        return loss.item()
 
+    def eval_step() -> float:
+        with torch.no_grad(), autocast:
+            logits = model(x).float()
+            loss = F.cross_entropy(logits, y, reduction="sum")
+            hits = logits.topk(5, dim=-1).indices == y[:, None]
+            _ = (hits[:, 0].sum().item(), hits.any(-1).sum().item())  # top-1 and top-5 counts, as nfjax sums
+        return float(loss) / args.batch
+
+    run_step = train_step if args.step == "train" else eval_step
     start = time.perf_counter()
     run_step()  # eager: the first step plays the part of compilation (allocations, oneDNN primitive caches)
-    first_s = time.perf_counter() - start
-    return dict(impl=f"timm {name}", init_s=0.0, compile_s=first_s, **time_steps(run_step, args, f"timm {name}"))
+    return Runner(f"timm {name}", run_step, dict(init_s=0.0, compile_s=time.perf_counter() - start))
 
 
 def _finish_row(row: dict, batch: int, train_gflop: float) -> dict:
@@ -201,7 +247,7 @@ def timm_available() -> tuple[bool, str]:
     return True, ""
 
 
-def compare_timm(args) -> dict | None:
+def compare_timm(args) -> Runner | None:
     name = timm_name(args.model)
     if name is None:
         print(f"--compare timm skipped: {args.model} has no timm counterpart", file=sys.stderr)
@@ -214,7 +260,7 @@ def compare_timm(args) -> dict | None:
     if not timm.is_model(name):
         print(f"--compare timm skipped: timm {timm.__version__} has no model {name!r}", file=sys.stderr)
         return None
-    return time_timm(args, name)
+    return timm_runner(args, name)
 
 
 def benchmark_train(args: argparse.Namespace) -> dict:
@@ -223,33 +269,36 @@ def benchmark_train(args: argparse.Namespace) -> dict:
     import jax.numpy as jnp
 
     from nfjax.models import MODELS, list_models
-    from nfjax.models.layers import resolve_grouped_impl
+    from nfjax.models.lowering import forced_lowering, resolve_impl
     from nfjax.models.summary import abstract_model, count_macs
 
     if args.model not in MODELS:
         args.error(f"unknown model {args.model!r}; valid names: {', '.join(list_models())}")
     if args.steps < 1 or args.warmup < 0:
         args.error("--steps must be at least 1 and --warmup at least 0")
-    if args.step == "eval" and args.compare:
-        args.error("--compare timm times the train step only; drop it or use --step train")
+    if args.rounds < 1:
+        args.error("--rounds must be at least 1")
     load_before = os.getloadavg()[0]
-    overrides = model_overrides(args.model, args.grouped_impl)
     dtype = {"dtype": jnp.bfloat16} if args.dtype == "bfloat16" else {}
-    macs = count_macs(abstract_model(args.model, num_classes=1000, **overrides, **dtype), args.image_size)
+    macs = count_macs(abstract_model(args.model, num_classes=1000, **dtype), args.image_size)
     step_gflop = (3 if args.step == "train" else 1) * 2 * macs * args.batch / 1e9
-    rows = [time_jax(args, overrides)]
+    runners = [jax_runner(args)]
     if args.compare == "timm":
-        rows.append(compare_timm(args))
-    rows = [_finish_row(row, args.batch, step_gflop) for row in rows if row is not None]
-    grouped = resolve_grouped_impl(overrides["grouped_impl"]) if "grouped_impl" in overrides else None
+        runners.append(compare_timm(args))
+    runners = [runner for runner in runners if runner is not None]
+    time_rounds(runners, args)
+    rows = [_finish_row(runner.row(), args.batch, step_gflop) for runner in runners]
+    with forced_lowering(None if args.lowering == "auto" else args.lowering):
+        lowering = resolve_impl("auto")
     report = dict(
         model=args.model,
         step=args.step,
         image_size=args.image_size,
         batch=args.batch,
         dtype=args.dtype,
-        grouped_impl=grouped,
+        lowering=lowering,
         steps=args.steps,
+        rounds=args.rounds,
         warmup=args.warmup,
         backend=jax.default_backend(),
         cores=cpu_cores(),
@@ -257,6 +306,7 @@ def benchmark_train(args: argparse.Namespace) -> dict:
         load_avg_after=os.getloadavg()[0],
         forward_gmacs_per_image=macs / 1e9,
         train_gflop_per_step=step_gflop,  # the timed step's FLOPs (the name predates --step eval)
+        gemm_peak_gflop_per_s=gemm_peak(),
         rows=rows,
         nfjax_over_timm=rows[0]["img_per_s"] / rows[1]["img_per_s"] if len(rows) > 1 else None,
     )
@@ -265,15 +315,15 @@ def benchmark_train(args: argparse.Namespace) -> dict:
 
 
 def format_report(report: dict) -> str:
-    grouped = f", grouped convs {report['grouped_impl']}" if report["grouped_impl"] else ""
+    lowering = {"split": "CPU lowerings", "native": "native XLA ops"}[report["lowering"]]
     times_forward = "3x" if report["step"] == "train" else "1x"
     lines = [
         f"{report['step']} step: {report['model']} {report['image_size']}px batch {report['batch']} "
-        f"{report['dtype']}{grouped}; {report['forward_gmacs_per_image']:.2f} GMACs/image forward, "
+        f"{report['dtype']}, {lowering}; {report['forward_gmacs_per_image']:.2f} GMACs/image forward, "
         f"{report['train_gflop_per_step']:.1f} GFLOP/step ({times_forward} forward); backend {report['backend']}, "
         f"{report['cores']} cores, load average "
-        f"{report['load_avg_before']:.2f} -> {report['load_avg_after']:.2f}; median of {report['steps']} steps "
-        f"after {report['warmup']} warm-up",
+        f"{report['load_avg_before']:.2f} -> {report['load_avg_after']:.2f}; median of {report['rounds']} x "
+        f"{report['steps']} steps (implementations alternated by round) after {report['warmup']} warm-up",
         f"  {'implementation':<24} {'compile s':>10} {'step s':>9} {'CPU s':>8} {'img/s':>8} {'GFLOP/s':>9}",
     ]
     for row in report["rows"]:
@@ -284,7 +334,31 @@ def format_report(report: dict) -> str:
         )
     if report["nfjax_over_timm"] is not None:
         lines.append(f"  nfjax / timm throughput: {report['nfjax_over_timm']:.2f}x")
+    lines.append(f"  dense fp32 matmul peak (2048^2, XLA): {report['gemm_peak_gflop_per_s']:.0f} GFLOP/s")
+    nfjax = report["rows"][0]
+    if "temp_gib" in nfjax:
+        lines.append(
+            f"  nfjax memory: XLA plan {nfjax['argument_gib']:.2f} GiB arguments + {nfjax['temp_gib']:.2f} GiB "
+            f"temporaries; process peak resident {nfjax['peak_rss_gib']:.2f} GiB"
+        )
     return "\n".join(lines)
+
+
+def gemm_peak(size: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of a jitted float32 [size, size] @ [size, size] matmul, median of ``repeats``: the machine's
+    dense-GEMM ceiling through XLA, measured in the same process as the step."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    matmul = jax.jit(jnp.dot)
+    jax.block_until_ready(matmul(a, a))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(matmul(a, a))
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e9
 
 
 def add_train_parser(subparsers) -> None:
@@ -296,8 +370,13 @@ def add_train_parser(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of --steps per implementation, alternated")
     parser.add_argument(
-        "--grouped-impl", default="auto", choices=["auto", "native", "split"], help="NFNet grouped-conv lowering"
+        "--lowering",
+        default="auto",
+        choices=["auto", "native", "split"],
+        help="nfjax op lowerings: split = the CPU forms (grouped convs per group, 1x1 convs as dots, max-pool "
+        "gradient as masks), native = XLA's ops; auto = split on CPU, native elsewhere",
     )
     parser.add_argument("--compare", default=None, choices=["timm"], help="also time the PyTorch/timm step")
     parser.add_argument("--channels-last", action="store_true", help="PyTorch: channels-last memory format")

@@ -14,7 +14,7 @@ def test_train_benchmark_json_report(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report == json.loads(json.dumps(result))
     assert (report["model"], report["image_size"], report["batch"]) == ("nf_resnet_small", 32, 8)
-    assert report["grouped_impl"] is None  # NF-ResNets have no grouped convs to lower
+    assert report["lowering"] == "split"  # auto on CPU: the CPU lowerings
     assert report["nfjax_over_timm"] is None
     (row,) = report["rows"]
     assert row["impl"] == "nfjax"

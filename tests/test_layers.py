@@ -151,7 +151,7 @@ def test_auto_grouped_impl_is_split_on_cpu():
     assert jax.default_backend() == "cpu"
     assert L.resolve_grouped_impl("auto") == "split"
     assert L.resolve_grouped_impl("native") == "native"
-    with pytest.raises(ValueError, match="grouped conv impl"):
+    with pytest.raises(ValueError, match="conv impl must be"):
         L.resolve_grouped_impl("fast")
 
 

@@ -15,8 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nfjax.models import lowering
+
 Padding = str | Sequence[tuple[int, int]]
-GroupedConvImpl = Literal["auto", "native", "split"]
+GroupedConvImpl = lowering.ConvImpl
 
 # act(x) * gamma has unit variance for x ~ N(0, 1): gamma = 1 / std(act(x)) (not 1 / rms: relu's is 1.714, not
 # 1.414). The constants are DeepMind's table (nfnets/base.py ``nonlinearities``), every entry and literal as released;
@@ -110,45 +112,8 @@ def make_divisible(value: float, divisor: int, round_limit: float = 0.0) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def resolve_grouped_impl(impl: GroupedConvImpl) -> Literal["native", "split"]:
-    """``auto`` picks ``split`` on CPU and the native grouped op elsewhere.
-
-    XLA:CPU lowers ``feature_group_count > 1`` to a slow generic loop (5-25x slower than one ungrouped conv per
-    group, gradients worst); GPU (cuDNN) and TPU have fast native grouped kernels.
-    """
-    if impl == "auto":
-        return "split" if jax.default_backend() == "cpu" else "native"
-    if impl not in ("native", "split"):
-        raise ValueError(f"grouped conv impl must be 'auto', 'native' or 'split', got {impl!r}")
-    return impl
-
-
-def conv2d(
-    x: jax.Array,
-    kernel: jax.Array,
-    strides: Sequence[int] = (1, 1),
-    padding: Padding = "SAME",
-    groups: int = 1,
-    impl: GroupedConvImpl = "auto",
-) -> jax.Array:
-    """NHWC x HWIO convolution; grouped convs lowered per backend (see :func:`resolve_grouped_impl`).
-
-    x: [N, H, W, C]; kernel: [kh, kw, C // groups, O]. Output channel block g uses input channel block g, the
-    same grouping as ``feature_group_count``, so both lowerings give identical results.
-    """
-    dn = ("NHWC", "HWIO", "NHWC")
-    strides = tuple(strides)
-    if groups == 1 or resolve_grouped_impl(impl) == "native":
-        return jax.lax.conv_general_dilated(
-            x, kernel, strides, padding, dimension_numbers=dn, feature_group_count=groups
-        )
-    xs = jnp.split(x, groups, axis=-1)
-    ks = jnp.split(kernel, groups, axis=-1)
-    outs = [
-        jax.lax.conv_general_dilated(xi, ki, strides, padding, dimension_numbers=dn)
-        for xi, ki in zip(xs, ks, strict=True)
-    ]
-    return jnp.concatenate(outs, axis=-1)
+resolve_grouped_impl = lowering.resolve_impl  # the name models and tests have used since grouped convs
+conv2d = lowering.conv2d  # NHWC x HWIO convolution, lowered per backend (nfjax/models/lowering.py)
 
 
 def standardize_kernel(
@@ -476,15 +441,25 @@ class BatchNorm(nnx.Module):
         var = jnp.mean(jnp.square(x32 - mean), axis=axes)
         return mean, var, mean, var, math.prod(x32.shape[:-1])
 
+    def _update_running(self, mean: jax.Array, var: jax.Array, count: int) -> None:
+        """Moves the running statistics towards the batch's (mean [C], biased var [C] over ``count`` samples)."""
+        unbiased = var * count / max(count - 1, 1)
+        m = self.momentum
+        self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
+        self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
+
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         dtype = self.dtype or x.dtype
         x32 = x.astype(jnp.float32)
+        ghost = 0 < self.ghost_batch_size < x32.shape[0]
+        if train and not ghost and lowering.resolve_impl("auto") == "split":
+            # The same normalization with a closed-form backward (nfjax/models/lowering.py): faster on CPU.
+            y, mean, var = lowering.batch_norm_train(x32, self.scale[...], self.bias[...], self.eps)
+            self._update_running(mean, var, math.prod(x32.shape[:-1]))
+            return y.astype(dtype)
         if train:
             mean, var, mean_avg, var_avg, count = self._batch_stats(x32)
-            unbiased = var_avg * count / max(count - 1, 1)
-            m = self.momentum
-            self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean_avg)
-            self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
+            self._update_running(mean_avg, var_avg, count)
             if mean.ndim == x32.ndim + 1:  # ghost groups
                 xg = x32.reshape(mean.shape[:1] + (-1,) + x32.shape[1:])
                 y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x32.shape)
@@ -518,12 +493,7 @@ def avg_pool_2x2(x: jax.Array) -> jax.Array:
     return summed / counts
 
 
-def max_pool_3x3_s2(x: jax.Array, padding: Padding = "SAME") -> jax.Array:
-    """3x3 stride-2 max pool. ``padding`` 'SAME' (Haiku/TF) or ((1, 1), (1, 1)) (torchvision)."""
-    if not isinstance(padding, str):
-        padding = ((0, 0),) + tuple(tuple(p) for p in padding) + ((0, 0),)
-    init = np.array(-np.inf, x.dtype)  # concrete, see avg_pool_2x2
-    return jax.lax.reduce_window(x, init, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), padding)
+max_pool_3x3_s2 = lowering.max_pool_3x3_s2
 
 
 def block_betas(depths: Sequence[int], alpha: float) -> list[float]:

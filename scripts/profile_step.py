@@ -1,0 +1,247 @@
+"""Where a training step's time goes on this machine: per phase and per op kind, for one model.
+
+    python scripts/profile_step.py --model nf_resnet50 --image-size 224 --batch 8 [--lowering native split]
+
+Phases (each jitted alone, median of ``--repeats`` after one warm-up run): the forward in training mode with
+the loss, forward + backward (value_and_grad), the whole train step (+ optimizer, metrics, non-finite guard),
+the optimizer alone, and the eval step. Ops: every convolution, BatchNorm, max pool and weight
+standardization the forward calls is recorded with its shapes (by tracing the model once), each distinct shape
+is timed alone forward and forward + backward, and the times are summed over the network by kind: stem (the
+convolutions before the first block), 1x1, 3x3, grouped 3x3, strided 1x1 shortcuts. The op sums leave out
+what runs between the ops (activations, residual adds, squeeze-excite, pooling to the head): the remainder of
+the forward + backward phase. Every lowering given is profiled in the same run, its phases alternated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def timed(fn, *args, repeats: int) -> float:
+    """Median seconds of ``fn(*args)`` (blocked until ready) after one untimed call."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def recording():
+    """Patches the layer functions the models call so one trace records every op and its shapes."""
+    from nfjax.models import layers
+
+    ops: list[tuple] = []
+    saved = {name: getattr(layers, name) for name in ("conv2d", "max_pool_3x3_s2", "standardize_kernel")}
+    saved_bn = layers.BatchNorm.__call__
+
+    def conv2d(x, kernel, strides=(1, 1), padding="SAME", groups=1, impl="auto"):
+        padding = padding if isinstance(padding, str) else tuple(tuple(p) for p in padding)
+        ops.append(("conv", x.shape, kernel.shape, tuple(strides), padding, groups))
+        return saved["conv2d"](x, kernel, strides, padding, groups, impl)
+
+    def max_pool(x, padding="SAME", impl="auto"):
+        padding = padding if isinstance(padding, str) else tuple(tuple(p) for p in padding)
+        ops.append(("max_pool", x.shape, padding))
+        return saved["max_pool_3x3_s2"](x, padding, impl)
+
+    def standardize(kernel, *args, **kwargs):
+        ops.append(("weight_standardization", kernel.shape))
+        return saved["standardize_kernel"](kernel, *args, **kwargs)
+
+    def batch_norm(self, x, train=False):
+        ops.append(("batch_norm", x.shape, self.ghost_batch_size))
+        return saved_bn(self, x, train)
+
+    layers.conv2d, layers.max_pool_3x3_s2, layers.standardize_kernel = conv2d, max_pool, standardize
+    layers.BatchNorm.__call__ = batch_norm
+    try:
+        yield ops
+    finally:
+        for name, fn in saved.items():
+            setattr(layers, name, fn)
+        layers.BatchNorm.__call__ = saved_bn
+
+
+def conv_kind(op: tuple, first_block_conv: int, index: int) -> str:
+    _, x_shape, k_shape, strides, _, groups = op
+    if index < first_block_conv:
+        return "stem convs"
+    if groups > 1:
+        return f"grouped {k_shape[0]}x{k_shape[1]} convs"
+    if k_shape[:2] == (1, 1):
+        return "1x1 convs" if strides == (1, 1) else "strided 1x1 convs (shortcuts)"
+    return f"{k_shape[0]}x{k_shape[1]} convs" + ("" if strides == (1, 1) else " (strided)")
+
+
+def op_functions(op: tuple):
+    """(forward fn, forward+backward fn, example args) for one recorded op."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from nfjax.models import layers
+
+    key = jax.random.key(0)
+    kind = op[0]
+    if kind == "conv":
+        _, x_shape, k_shape, strides, padding, groups = op
+        args = (jax.random.normal(key, x_shape), jax.random.normal(key, k_shape))
+        fwd = lambda x, k: layers.conv2d(x, k, strides, padding, groups)
+        argnums = (0, 1)
+    elif kind == "max_pool":
+        args = (jax.nn.relu(jax.random.normal(key, op[1])),)
+        fwd = lambda x: layers.max_pool_3x3_s2(x, op[2])
+        argnums = (0,)
+    elif kind == "batch_norm":
+        bn = layers.BatchNorm(op[1][-1], ghost_batch_size=op[2])
+        graphdef, state = nnx.split(bn)
+        args = (jax.random.normal(key, op[1]), state)
+        fwd = lambda x, s: nnx.merge(graphdef, s)(x, train=True)
+        argnums = (0, 1)  # the state too, so the running statistics are updated at the gradient's trace level
+    else:
+        args = (jax.random.normal(key, op[1]), jnp.ones(op[1][-1:]))
+        fwd = lambda w, g: layers.standardize_kernel(w, g)
+        argnums = (0, 1)
+    both = jax.grad(lambda *a: jnp.sum(jnp.sin(fwd(*a))), argnums=argnums)
+    return jax.jit(fwd), jax.jit(both), args
+
+
+def profile_ops(ops: list[tuple], first_block_conv: int, repeats: int) -> dict[str, list[float]]:
+    """{kind: [count, forward s, forward+backward s]} summed over the network (each distinct op timed once)."""
+    cache: dict[tuple, tuple[float, float]] = {}
+    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0, 0.0])
+    conv_index = 0
+    for op in ops:
+        if op not in cache:
+            fwd, both, args = op_functions(op)
+            cache[op] = (timed(fwd, *args, repeats=repeats), timed(both, *args, repeats=repeats))
+        if op[0] == "conv":
+            kind, conv_index = conv_kind(op, first_block_conv, conv_index), conv_index + 1
+        else:
+            kind = op[0].replace("_", " ")
+        row = totals[kind]
+        row[0] += 1
+        row[1] += cache[op][0]
+        row[2] += cache[op][1]
+    return dict(totals)
+
+
+def conv_flops(ops: list[tuple]) -> float:
+    """Forward FLOPs of the recorded convolutions (2 per multiply-add)."""
+    total = 0.0
+    for op in ops:
+        if op[0] == "conv":
+            _, x_shape, k_shape, strides, _, _ = op
+            out_hw = math.ceil(x_shape[1] / strides[0]) * math.ceil(x_shape[2] / strides[1])
+            total += 2 * x_shape[0] * out_hw * math.prod(k_shape)
+    return total
+
+
+def record_ops(exp, state, batch) -> tuple[list[tuple], int]:
+    """Every op of one training-mode forward with its shapes, and the index of the first convolution inside a
+    residual block (the ones before it are the stem's)."""
+    import jax
+
+    from nfjax.models import layers
+    from nfjax.steps import apply_model
+
+    saved_blocks = layers.blocks_and_head
+    marker: list[int] = []
+
+    def blocks_and_head(model, x, **kwargs):
+        marker.append(sum(op[0] == "conv" for op in ops))
+        return saved_blocks(model, x, **kwargs)
+
+    layers.blocks_and_head = blocks_and_head
+    try:
+        with recording() as ops:
+            forward = lambda p, s, x: apply_model(exp.graphdef, p, s, x, train=True, key=jax.random.key(0))
+            jax.eval_shape(forward, state["params"], state.get("batch_stats", {}), batch["image"])
+    finally:
+        layers.blocks_and_head = saved_blocks
+    return ops, marker[0]
+
+
+def phase_functions(exp, state, batch) -> dict:
+    """{phase: (jitted fn, args)}: forward with loss, forward + backward, optimizer, train step, eval step."""
+    import jax
+    import jax.numpy as jnp
+
+    from nfjax.losses import make_loss_fn
+    from nfjax.steps import apply_model, make_train_step
+
+    stats = state.get("batch_stats", {})
+    key = jax.random.key(0)
+
+    def loss(params):
+        logits, _ = apply_model(exp.graphdef, params, stats, batch["image"], train=True, key=key)
+        return jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits), batch["label"][:, None], -1))
+
+    grads = jax.jit(jax.grad(loss))(state["params"])
+    step = make_train_step(exp.graphdef, exp.optimizer, make_loss_fn("softmax_xent"), seed=0, mesh=exp.mesh)
+    return {
+        "forward (train mode) + loss": (jax.jit(loss), (state["params"],)),
+        "forward + backward": (jax.jit(jax.value_and_grad(loss)), (state["params"],)),
+        "optimizer (AGC, decay, SGD-Nesterov)": (jax.jit(exp.optimizer.apply), (state, grads)),
+        "whole train step": (jax.jit(step), (state, batch)),  # not donated, so it can run repeatedly
+        "eval step (inference forward)": (exp.eval_step, (state["params"], stats, batch)),
+    }
+
+
+def profile(args, lowering: str) -> dict:
+    from nfjax.benchmark_train import build_benchmark_experiment
+    from nfjax.models.lowering import forced_lowering
+
+    with forced_lowering(lowering):
+        exp, state, batch = build_benchmark_experiment(args.model, args.image_size, args.batch)
+        ops, first_block = record_ops(exp, state, batch)
+        phases = {
+            name: timed(fn, *fn_args, repeats=args.repeats)
+            for name, (fn, fn_args) in phase_functions(exp, state, batch).items()
+        }
+        kinds = profile_ops(ops, first_block, args.repeats)
+    return dict(phases=phases, kinds=kinds, conv_gflop=conv_flops(ops) / 1e9)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="nf_resnet50")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lowering", nargs="+", default=["native", "split"], choices=["native", "split"])
+    args = parser.parse_args(argv)
+    results = {lowering: profile(args, lowering) for lowering in args.lowering}
+    print(f"{args.model} {args.image_size}px batch {args.batch}, float32, ms (median of {args.repeats})")
+    header = " | ".join(args.lowering)
+    print(f"| phase | {header} |")
+    for phase in next(iter(results.values()))["phases"]:
+        print(f"| {phase} | " + " | ".join(f"{r['phases'][phase] * 1e3:.0f}" for r in results.values()) + " |")
+    print("| op kind (count) | " + " | ".join(f"{lw} fwd / fwd+bwd" for lw in args.lowering) + " |")
+    kinds = sorted({k for r in results.values() for k in r["kinds"]})
+    for kind in kinds:
+        cells = []
+        for r in results.values():
+            count, fwd, both = r["kinds"].get(kind, (0, 0.0, 0.0))
+            cells.append(f"{fwd * 1e3:.0f} / {both * 1e3:.0f}")
+        count = next(r["kinds"][kind][0] for r in results.values() if kind in r["kinds"])
+        print(f"| {kind} ({count}) | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The CPU lowerings (nfjax/models/lowering.py) compute what the plain XLA ops compute: outputs and gradients."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nfjax.models import create_model, lowering
+from nfjax.models import layers as L
+from nfjax.steps import apply_model
+
+
+def _value_and_grads(fn, impl, *args):
+    with lowering.forced_lowering(impl):
+        return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=tuple(range(len(args)))))(*args)
+
+
+@pytest.mark.parametrize(
+    "size,stride,padding",
+    [(9, 1, "SAME"), (9, 2, "SAME"), (8, 2, "SAME"), (7, 2, "VALID"), (8, 2, ((0, 0), (0, 0))), (6, 3, "SAME")],
+)
+def test_pointwise_conv_as_dot_matches_the_convolution(size, stride, padding):
+    x = jax.random.normal(jax.random.key(0), (2, size, size + 1, 5))
+    w = jax.random.normal(jax.random.key(1), (1, 1, 5, 6))
+    conv = lambda x, w: lowering.conv2d(x, w, (stride, stride), padding)
+    (v_native, g_native), (v_split, g_split) = (_value_and_grads(conv, i, x, w) for i in ("native", "split"))
+    y_native = lowering.conv2d(x, w, (stride, stride), padding, impl="native")
+    y_split = lowering.conv2d(x, w, (stride, stride), padding, impl="split")
+    assert y_split.shape == y_native.shape
+    np.testing.assert_allclose(y_split, y_native, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(v_split, v_native, rtol=1e-5)
+    chex.assert_trees_all_close(g_split, g_native, rtol=1e-5, atol=1e-5)
+
+
+def test_a_padded_pointwise_conv_keeps_the_convolution():
+    x = jax.random.normal(jax.random.key(0), (1, 4, 4, 3))
+    w = jax.random.normal(jax.random.key(1), (1, 1, 3, 2))
+    pad = ((1, 1), (1, 1))
+    y = lowering.conv2d(x, w, (1, 1), pad, impl="split")
+    np.testing.assert_allclose(y, lowering.conv2d(x, w, (1, 1), pad, impl="native"), rtol=1e-6)
+    assert y.shape == (1, 6, 6, 2)
+
+
+@pytest.mark.parametrize(
+    "size,padding", [(9, "SAME"), (8, "SAME"), (8, ((1, 1), (1, 1))), (9, ((1, 1), (1, 1))), (7, "VALID")]
+)
+def test_max_pool_gradient_goes_to_the_same_element_as_select_and_scatter(size, padding):
+    # ReLU'd and rounded: many windows hold several equal maxima (zeros above all); each gradient must go to the
+    # first maximum in row-major window order, as XLA's select-and-scatter does, so the results are equal exactly.
+    x = jnp.round(2 * jax.nn.relu(jax.random.normal(jax.random.key(2), (2, size, size + 1, 4)))) / 2
+    weights = jnp.arange(1.0, 5.0)
+    pool = lambda x: L.max_pool_3x3_s2(x, padding) * weights
+    (v_native, g_native), (v_split, g_split) = (_value_and_grads(pool, i, x) for i in ("native", "split"))
+    np.testing.assert_array_equal(v_split, v_native)
+    np.testing.assert_array_equal(g_split[0], g_native[0])
+
+
+def test_batch_norm_closed_form_backward_matches_autodiff():
+    x = 2.0 * jax.random.normal(jax.random.key(3), (4, 6, 6, 8)) + 1.0
+
+    def run(impl):
+        bn = L.BatchNorm(8)
+        bn.scale[...] = jnp.linspace(0.5, 1.5, 8)
+        bn.bias[...] = jnp.linspace(-1.0, 1.0, 8)
+        graphdef, state = nnx.split(bn)
+
+        def loss(x, state):
+            module = nnx.merge(graphdef, state)
+            return jnp.sum(jnp.sin(jax.nn.relu(module(x, train=True)))), nnx.state(module)
+
+        with lowering.forced_lowering(impl):
+            return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, state)
+
+    native, split = run("native"), run("split")
+    chex.assert_trees_all_close(split, native, rtol=2e-5, atol=2e-6)  # value, running statistics, gradients
+
+
+def test_auto_resolves_per_backend_and_can_be_forced():
+    assert lowering.resolve_impl("auto") == "split"  # the tests run on CPU
+    with lowering.forced_lowering("native"):
+        assert lowering.resolve_impl("auto") == "native"
+        assert lowering.resolve_impl("split") == "split"  # an explicit choice wins
+    assert lowering.resolve_impl("auto") == "split"
+    with pytest.raises(ValueError, match="lowering must be"):
+        with lowering.forced_lowering("fast"):
+            pass
+
+
+@pytest.mark.parametrize("name", ["resnet_small", "nf_resnet_small"])
+def test_small_networks_give_the_same_loss_and_gradients_under_both_lowerings(name):
+    model = create_model(name, num_classes=5, rngs=nnx.Rngs(0))
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+    x = jax.random.normal(jax.random.key(5), (4, 16, 16, 3))
+    labels = jnp.arange(4) % 5
+
+    def loss(params):
+        logits, _ = apply_model(graphdef, params, stats, x, train=True, key=jax.random.key(6))
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], -1))
+
+    results = []
+    for impl in ("native", "split"):
+        with lowering.forced_lowering(impl):
+            results.append(jax.jit(jax.value_and_grad(loss))(params))
+    (v_native, g_native), (v_split, g_split) = results
+    np.testing.assert_allclose(v_split, v_native, rtol=1e-5)
+    chex.assert_trees_all_close(g_split, g_native, rtol=1e-3, atol=1e-5)
