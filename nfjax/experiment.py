@@ -386,6 +386,8 @@ def build_experiment(
     if info is None:
         data_lib.prepare_offline(cfg.data)
         info = data_lib.dataset_info(cfg.data)
+        if training:
+            data_lib.check_tensorflow_needs(cfg.data)
     mesh = parallel.make_mesh(num_devices or (cfg.train.num_devices if training else None) or None)
     if training:
         data_lib.check_global_batch(cfg.train.global_batch, jax.process_count(), mesh.devices.size)

@@ -78,11 +78,14 @@ def test_prepare_offline_dispatches_by_table(fmnist_dir, tmp_path, monkeypatch):
 def test_prepare_cli_uses_the_table_and_source_dir(tmp_path, monkeypatch, capsys):
     from nfjax.data import prepare
 
-    calls = []
+    calls, cached = [], []
     monkeypatch.setitem(data.OFFLINE_PREPARERS, "fashion_mnist", lambda *args: calls.append(args) or "ready-dir")
+    monkeypatch.setattr(prepare, "cache_tfds_splits", lambda *args: cached.append(args) or ["train: cached"])
     assert prepare.main(["fashion_mnist", "--data-dir", "d", "--source-dir", "idx"]) == 0
-    assert prepare.main(["fashion_mnist", "--data-dir", "d"]) == 0
-    assert calls == [("d", "idx"), ("d",)] and "fashion_mnist ready in ready-dir" in capsys.readouterr().out
+    assert prepare.main(["fashion_mnist", "--data-dir", "d", "--no-array-cache"]) == 0
+    assert calls == [("d", "idx"), ("d",)] and cached == [("fashion_mnist", "d")]
+    out = capsys.readouterr().out
+    assert "fashion_mnist ready in ready-dir" in out and "array cache: train: cached" in out
     assert prepare.main(["cifar10", "--data-dir", str(tmp_path), "--source-dir", "idx"]) == 2
     assert "--source-dir applies only to fashion_mnist" in capsys.readouterr().err
 

@@ -1,7 +1,9 @@
 """Input pipelines: TFDS datasets, offline Fashion-MNIST, image folders, and the recipes' augmentations.
 
 Importing this package does not import TensorFlow; the first pipeline that needs it imports it (with GPUs
-hidden from TF and TFDS kept off the network).
+hidden from TF and TFDS kept off the network). The in-memory NumPy path needs none when the TFDS split is in the
+array cache (decoded splits beside the TFDS files, nfjax/data/array_cache.py) or the data is synthetic
+(``dataset='synthetic'``, nfjax/data/synthetic.py).
 
 API (``cfg`` is the ``data`` ConfigDict from ``default_data_config()``; every field is in docs/data.md):
 
@@ -16,6 +18,7 @@ API (``cfg`` is the ``data`` ConfigDict from ``default_data_config()``; every fi
   build_eval_iterator(cfg, *, global_batch, split=None, mesh=None,
                       process_index=None, process_count=None, device_count=None) -> Iterator[dict]
   to_global_batch(batch, mesh, data_axis='data') -> dict[str, jax.Array]
+  check_tensorflow_needs(cfg) -> None   # without TensorFlow: error now if train/eval input needs tf.data
   train_label_counts(cfg) -> int64 [K]        # training examples per class (train.class_weights)
   bad_files(cfg) -> [(path, reason)]                             # image-folder files left out (unusable)
   eval_split_name(cfg) -> str      # data.eval_split, or 'train fold 2 of 5' with data.num_folds (folds.py)
@@ -23,7 +26,7 @@ API (``cfg`` is the ``data`` ConfigDict from ``default_data_config()``; every fi
   prepare_fashion_mnist(data_dir, source_dir='/usr/share/datasets/fashion-mnist') -> str
   OFFLINE_PREPARERS: dict[name, (data_dir, source_dir=default) -> str]   # datasets prepared from local files
   prepare_offline(cfg) -> None     # runs OFFLINE_PREPARERS[cfg.dataset] on cfg.data_dir if present, else no-op
-  (CLI: python -m nfjax.data.prepare fashion_mnist --data-dir DIR)
+  (CLI: python -m nfjax.data.prepare fashion_mnist --data-dir DIR; also writes the array cache)
 
 Batches are dicts of host NumPy arrays (or global jax Arrays when ``mesh`` is given), b = local batch:
   'image'       float32 [b, H, W, C]  normalized on the host: (x - 255 * mean) / (255 * std)
@@ -41,6 +44,7 @@ from nfjax.data.pipeline import (
     DatasetInfo,
     build_eval_iterator,
     build_train_iterator,
+    check_tensorflow_needs,
     dataset_info,
     source_info,
     train_label_counts,
@@ -56,6 +60,7 @@ __all__ = [
     "build_eval_iterator",
     "build_train_iterator",
     "check_global_batch",
+    "check_tensorflow_needs",
     "dataset_info",
     "default_data_config",
     "eval_split_name",

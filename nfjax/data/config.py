@@ -6,6 +6,8 @@ import math
 
 import ml_collections
 
+from nfjax.data.synthetic import SYNTHETIC, SYNTHETIC_STATS, check_synthetic_config
+
 # Per-channel mean/std in [0, 1] units. Images are normalized as (x - 255 * mean) / (255 * std).
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DATASET_STATS = {
@@ -13,16 +15,18 @@ DATASET_STATS = {
     "mnist": ((0.1307,), (0.3081,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    SYNTHETIC: SYNTHETIC_STATS,  # exact for its template + noise images, any channel count
 }
 
 DEFAULT_DATA_DIR = "~/tensorflow_datasets"
+DEFAULT_MAX_IN_MEMORY_BYTES = 4 * 2**30
 DEFAULT_MAX_BAD_FRACTION = 0.001  # image folders: more unusable files than this fraction stop the run
 
 
 def default_data_config() -> ml_collections.ConfigDict:
     """All data fields with ImageNet-style defaults (no mixing, no RandAugment). See docs/data.md."""
     c = ml_collections.ConfigDict()
-    c.dataset = "imagenet2012"  # a TFDS name, or "image_folder" (then data_dir is the folder)
+    c.dataset = "imagenet2012"  # a TFDS name, "image_folder" (then data_dir is the folder) or "synthetic"
     c.data_dir = DEFAULT_DATA_DIR
     c.train_split = "train"  # TFDS split syntax works: "train[:90%]"
     c.eval_split = "validation"
@@ -66,11 +70,16 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.std = ml_collections.FieldReference(None, field_type=tuple)
     c.backend = "auto"  # 'auto' | 'tfdata' | 'numpy' (in-memory arrays, numpy augmentation)
     c.cache_in_memory = ml_collections.FieldReference(None, field_type=bool)  # None: when it fits
-    c.max_in_memory_bytes = 4 * 2**30
+    c.max_in_memory_bytes = DEFAULT_MAX_IN_MEMORY_BYTES
     c.shuffle_buffer = 16384  # tf.data streaming path only
     c.prefetch = 2  # host batches prepared ahead by a background thread
     c.tf_threads = 0  # tf.data private thread pool size; 0: TF default (all cores)
     c.seed = 0
+    # dataset 'synthetic' only (nfjax/data/synthetic.py): generated in memory; train_examples for train_split,
+    # eval_examples for every other split; seed fixes the images (data.seed still fixes the order)
+    c.synthetic = ml_collections.ConfigDict(
+        dict(image_shape=(32, 32, 3), num_classes=10, train_examples=50_000, eval_examples=10_000, seed=0)
+    )
     return c
 
 
@@ -97,6 +106,8 @@ def check_data_config(cfg: ml_collections.ConfigDict) -> None:
             "1: every class equally often)"
         )
     check_fold_config(cfg)
+    if cfg.dataset == SYNTHETIC:
+        check_synthetic_config(cfg)
 
 
 def check_fold_config(cfg) -> None:

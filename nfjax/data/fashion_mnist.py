@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nfjax.data.tf_lazy import import_tfds
+from nfjax.data.tf_lazy import require_tfds
 
 DEBIAN_SOURCE_DIR = "/usr/share/datasets/fashion-mnist"
 IDX_FILES = {
@@ -82,7 +82,8 @@ def prepare_fashion_mnist(data_dir: str, source_dir: str = DEBIAN_SOURCE_DIR) ->
 
     Idempotent: when the dataset is already prepared it returns at once without reading anything.
     """
-    tfds = import_tfds()
+    command = f"python -m nfjax.data.prepare fashion_mnist --data-dir {data_dir}"
+    tfds = require_tfds(f"finding or preparing fashion_mnist in {data_dir} (it holds no array cache; `{command}`)")
     data_dir = os.path.expanduser(data_dir)
     registered = tfds.builder("fashion_mnist", data_dir=data_dir, try_gcs=False)
     if registered.is_prepared():
@@ -94,7 +95,7 @@ def store_fashion_mnist(data_dir: str, splits: dict[str, tuple[np.ndarray, np.nd
     """Writes ``splits`` (name -> (images uint8 [N, 28, 28, 1], labels [N])) as TFDS ``fashion_mnist`` with the
     registered builder's features and version into ``data_dir``; returns the dataset folder. The split sizes are
     those of the arrays, so a variant (e.g. a training split with some classes cut down) reads like the original."""
-    tfds = import_tfds()
+    tfds = require_tfds(f"writing fashion_mnist in {data_dir}")
     data_dir = os.path.expanduser(data_dir)
     registered = tfds.builder("fashion_mnist", data_dir=data_dir, try_gcs=False)
 

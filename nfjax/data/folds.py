@@ -3,13 +3,15 @@
 Fold assignment, stratified and deterministic: within each class the examples are ranked by the md5 hex digest of
 a key that names them, and the example of rank r goes to fold ``r % K``. Keys: an image folder's path relative to
 the class root (``"cat/0001.jpg"``, the key of its 'holdout' split), a TFDS example's ``"dataset/split/index"``
-(``split`` as written in data.train_split, ``index`` counted inside it). So every example lies in exactly one
-fold, fold sizes differ by at most one per class, and the folds depend only on the examples, their labels and K.
+(``split`` as written in data.train_split, ``index`` counted inside it), and likewise synthetic data's
+``"synthetic/split/index"``. So every example lies in exactly one fold, fold sizes differ by at most one per class,
+and the folds depend only on the examples, their labels and K.
 
 With folds on, training reads ``train_split`` minus fold k and the evaluation during training reads fold k of
 ``train_split`` instead of ``data.eval_split`` (evaluate the held-out split afterwards with
 ``python -m nfjax.evaluate --workdir DIR --split test``). TFDS labels are read once per process for the
-assignment (a pass over the split's records that decodes no image).
+assignment: from the array cache when it holds the split, else in a pass over the split's records that decodes no
+image.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from nfjax.data import array_cache
 from nfjax.data.sources import ImageFolderSource, SourceInfo, TfdsSource, make_source
+from nfjax.data.synthetic import SyntheticSource
 from nfjax.data.tf_lazy import import_tf, import_tfds
 
 
@@ -57,10 +61,15 @@ def _folder_folds(keys: tuple[str, ...], labels: bytes, num_folds: int, class_na
 
 @functools.lru_cache(maxsize=8)
 def _tfds_folds(name: str, split: str, data_dir: str, num_folds: int) -> np.ndarray:
-    source = TfdsSource(name, split, data_dir)
-    labels = _tfds_labels(source)
+    """Labels from the array cache when it holds the split (no TensorFlow), else read from the TFDS records."""
+    cached = array_cache.lookup(name, split, data_dir)
+    if cached is not None:
+        labels, class_names = cached.load_arrays()[1].astype(np.int64), cached.info().class_names
+    else:
+        source = TfdsSource(name, split, data_dir)
+        labels, class_names = _tfds_labels(source), source.info().class_names
     keys = [f"{name}/{split}/{i}" for i in range(len(labels))]
-    return stratified_folds(keys, labels, num_folds, source.info().class_names)
+    return stratified_folds(keys, labels, num_folds, class_names)
 
 
 def _tfds_labels(source: TfdsSource) -> np.ndarray:
@@ -83,6 +92,10 @@ def fold_ids(source, cfg) -> np.ndarray:
         keys = tuple(f"{Path(p).parent.name}/{Path(p).name}" for p in source.paths)
         labels = np.asarray(source.labels, np.int32).tobytes()
         return _folder_folds(keys, labels, cfg.num_folds, tuple(source.class_names))
+    if isinstance(source, SyntheticSource):
+        labels = source.load_arrays()[1]
+        keys = [f"{source.name}/{source.split}/{i}" for i in range(len(labels))]
+        return stratified_folds(keys, labels, cfg.num_folds, source.info().class_names)
     return _tfds_folds(source.name, source.split, source.data_dir, cfg.num_folds)
 
 

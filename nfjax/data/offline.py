@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
+from nfjax.data import array_cache
 from nfjax.data.fashion_mnist import prepare_fashion_mnist
 
 
@@ -19,8 +20,9 @@ OFFLINE_PREPARERS: dict[str, OfflinePreparer] = {"fashion_mnist": prepare_fashio
 
 
 def prepare_offline(data_cfg) -> None:
-    """Prepares ``data_cfg.dataset`` into ``data_cfg.data_dir`` when it is in OFFLINE_PREPARERS; otherwise
-    does nothing (other datasets are prepared beforehand with ``python -m nfjax.data.prepare``)."""
+    """Prepares ``data_cfg.dataset`` into ``data_cfg.data_dir`` when it is in OFFLINE_PREPARERS and the data_dir
+    holds no array cache of it (a cache means it was prepared, possibly on another machine: the preparers need
+    TensorFlow); otherwise does nothing (other datasets are prepared with ``python -m nfjax.data.prepare``)."""
     preparer = OFFLINE_PREPARERS.get(data_cfg.dataset)
-    if preparer is not None:
+    if preparer is not None and not array_cache.has_cache(data_cfg.dataset, data_cfg.data_dir):
         preparer(os.path.expanduser(data_cfg.data_dir))

@@ -3,6 +3,8 @@
 Backend choice (config ``backend``): 'numpy' runs the in-memory NumPy path (small images; pad-crop and flip
 only); 'tfdata' runs tf.data (any augmentation, any size); 'auto' picks 'numpy' when the split fits in
 memory (``cache_in_memory``/``max_in_memory_bytes``) and every requested augmentation has a NumPy version.
+The NumPy path (train and eval) imports no TensorFlow: with a TFDS split in the array cache
+(nfjax/data/array_cache.py) or synthetic data it runs where TensorFlow is not installed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from nfjax.data.config import check_data_config, mean_std
 from nfjax.data.folds import eval_source, train_source
 from nfjax.data.mix import mix_batch, mix_rng, needs_label_probs, randaugment_after_mix
 from nfjax.data.sources import ImageFolderSource, SourceInfo
+from nfjax.data.synthetic import SYNTHETIC
+from nfjax.data.tf_lazy import require_tf, tf_installed
 
 
 class DatasetInfo(NamedTuple):
@@ -93,6 +97,8 @@ def dataset_info(cfg) -> DatasetInfo:
 def fits_in_memory(cfg, info: SourceInfo) -> bool:
     if cfg.cache_in_memory is not None:
         return bool(cfg.cache_in_memory)
+    if cfg.dataset == SYNTHETIC:
+        return True  # generated in memory, whatever its size
     if None in info.image_shape:
         return False
     return info.num_examples * math.prod(info.image_shape) <= cfg.max_in_memory_bytes
@@ -125,6 +131,29 @@ def resolve_backend(cfg, info: SourceInfo, train: bool) -> str:
     if cfg.backend == "auto":
         return "numpy" if fits_in_memory(cfg, info) and not unsupported else "tfdata"
     return cfg.backend
+
+
+def _require_tf_data(cfg, info: SourceInfo, train: bool) -> None:
+    """The tf.data path imports TensorFlow: where it cannot be imported, one error saying why this config needs
+    the tf.data path (the NumPy path needs no TensorFlow)."""
+    reasons = numpy_unsupported(cfg, info, train)
+    if not reasons and cfg.backend == "tfdata":
+        reasons = ["data.backend='tfdata'"]
+    elif not reasons:
+        reasons = ["a split streamed from disk (data.cache_in_memory=False, or more than data.max_in_memory_bytes)"]
+    require_tf(f"the tf.data {'train' if train else 'eval'} input pipeline ({', '.join(reasons)})")
+
+
+def check_tensorflow_needs(cfg) -> None:
+    """Where TensorFlow is not installed, a config whose train or eval input needs tf.data fails here, with the
+    reason, rather than after compiling or at the first evaluation; elsewhere a no-op that imports nothing."""
+    if tf_installed():
+        return
+    for train in (True, False):
+        source = train_source(cfg) if train else eval_source(cfg)
+        info = source_info(source, cfg, train)
+        if resolve_backend(cfg, info, train) == "tfdata":
+            _require_tf_data(cfg, info, train)
 
 
 def _plan(global_batch, mesh, process_index, process_count, device_count, data_axis="data"):
@@ -163,6 +192,7 @@ def build_train_iterator(
         probs = _balanced_probs(cfg, arrays[1], num_examples)
         batches = numpy_backend.train_batches(arrays, cfg, plan, num_examples, seed, start_step, mean, std, probs)
     else:
+        _require_tf_data(cfg, info, train=True)
         stages = tfdata_backend.make_train_stages(cfg, info.image_shape[-1], size, mean, std, info.num_classes, seed)
         batches = _tfdata_train_batches(source, info, cfg, plan, num_examples, seed, start_step, stages)
         if randaugment_after_mix(cfg):  # mixed inside tf.data, before RandAugment
@@ -258,6 +288,7 @@ def build_eval_iterator(
     if resolve_backend(cfg, info, train=False) == "numpy":
         batches = numpy_backend.eval_batches(source.load_arrays(), cfg, plan, mean, std)
     else:
+        _require_tf_data(cfg, info, train=False)
         transform = tfdata_backend.make_eval_transform(cfg, info.image_shape[-1], _eval_size(cfg, info), mean, std)
         if fits_in_memory(cfg, info):
             batches = tfdata_backend.in_memory_eval_batches(source.load_arrays(), cfg, plan, transform)

@@ -3,6 +3,10 @@
 python -m nfjax.data.prepare fashion_mnist --data-dir ~/tensorflow_datasets [--source-dir DIR]
 python -m nfjax.data.prepare imagenet2012 --data-dir DIR   # tars in DIR/downloads/manual/
 python -m nfjax.data.prepare cifar10 --data-dir DIR        # needs network (TFDS download)
+
+Afterwards every split that fits in memory (fixed image size, at most 4 GiB as uint8) is decoded into the array
+cache beside the TFDS files (nfjax/data/array_cache.py; rewritten on every run, --no-array-cache skips it), so that
+a copy of data_dir trains on a machine without TensorFlow.
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ from collections.abc import Sequence
 
 from nfjax.data.fashion_mnist import DEBIAN_SOURCE_DIR
 from nfjax.data.offline import OFFLINE_PREPARERS
-from nfjax.data.tf_lazy import import_tfds
+from nfjax.data.sources import cache_tfds_splits
+from nfjax.data.tf_lazy import require_tfds
 
 
 def prepare_tfds(name: str, data_dir: str) -> str:
     """Runs the TFDS builder; manual files (ImageNet tars) are read from data_dir/downloads/manual."""
-    tfds = import_tfds()
+    tfds = require_tfds(f"preparing {name} in {data_dir}")
     data_dir = os.path.expanduser(data_dir)
     builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
     if not builder.is_prepared():
@@ -49,10 +54,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"offline datasets ({', '.join(sorted(OFFLINE_PREPARERS))}): folder of the local files "
         f"(fashion_mnist: IDX files, default {DEBIAN_SOURCE_DIR})",
     )
+    parser.add_argument(
+        "--array-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write the decoded splits that fit in memory beside the TFDS files (default: yes)",
+    )
     args = parser.parse_args(argv)
     try:
         path = prepare_dataset(args.dataset, args.data_dir, args.source_dir)
-    except (AssertionError, OSError, ValueError) as e:  # TFDS reports a missing/empty manual_dir by assertion
+        cached = cache_tfds_splits(args.dataset, args.data_dir) if args.array_cache else []
+    # TFDS reports a missing/empty manual_dir by assertion; a missing TensorFlow is a RuntimeError
+    except (AssertionError, OSError, ValueError, RuntimeError) as e:
         reason = " ".join(str(e).split())
         if type(e).__name__ == "DatasetNotFoundError":  # TFDS appends its whole catalog: keep its suggestion only
             close = re.search(r"Did you mean: \S+ -> (\S+)", reason)
@@ -60,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: could not prepare '{args.dataset}' in {args.data_dir}: {reason}", file=sys.stderr)
         return 2
     print(f"{args.dataset} ready in {path}")
+    for line in cached:
+        print(f"  array cache: {line}")
     return 0
 
 

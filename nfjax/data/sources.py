@@ -1,4 +1,7 @@
-"""Data sources: a TFDS dataset by name, or a folder of images with one sub-folder per class.
+"""Data sources: a TFDS dataset by name, a folder of images with one sub-folder per class, or synthetic data.
+
+A TFDS split that the array cache holds (nfjax/data/array_cache.py) is served from it without TensorFlow; the first
+in-memory load of one that it does not hold decodes it through TFDS and writes it there.
 
 Every source exposes the same three things, so one pipeline serves all of them:
   ``info()``            -> SourceInfo (cheap: metadata only, never reads the images);
@@ -20,48 +23,29 @@ from pathlib import Path
 
 import numpy as np
 
+from nfjax.data import array_cache, split_spec
 from nfjax.data.config import DEFAULT_MAX_BAD_FRACTION
-from nfjax.data.tf_lazy import import_tf, import_tfds
+from nfjax.data.source_info import PREPARE_COMMAND, DatasetNotFoundError, SourceInfo, missing_dataset_message
+from nfjax.data.synthetic import SYNTHETIC, SyntheticSource
+from nfjax.data.tf_lazy import import_tf, import_tfds, require_tfds
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-PREPARE_COMMAND = "python -m nfjax.data.prepare {name} --data-dir {data_dir}"
-IMAGENET_STEPS = (
-    "ImageNet cannot be downloaded automatically. Get ILSVRC2012_img_train.tar and "
-    "ILSVRC2012_img_val.tar from image-net.org, put them in {data_dir}/downloads/manual/. "
-)
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """Raised at once (no network access, no waiting) when a dataset is not on disk."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceInfo:
-    """Metadata of one split. image_shape is the stored (H, W, C); H and W are None when sizes vary."""
-
-    num_examples: int
-    num_classes: int
-    image_shape: tuple
-    class_names: tuple[str, ...]
-
-
-def missing_dataset_message(name: str, data_dir: str, expected: str) -> str:
-    """The error text for a dataset that is not prepared: where it was looked for, how to prepare it."""
-    command = PREPARE_COMMAND.format(name=name, data_dir=data_dir)
-    steps = IMAGENET_STEPS.format(data_dir=data_dir) if name.startswith("imagenet2012") else ""
-    return (
-        f"Dataset '{name}' is not prepared in data_dir '{data_dir}' (expected {expected}). "
-        f"{steps}Prepare it with: {command}"
-    )
 
 
 class TfdsSource:
-    """A TFDS dataset read from ``data_dir`` only: no GCS, no download."""
+    """A TFDS dataset read from ``data_dir`` only: no GCS, no download. ``purpose`` names the reading in the error
+    when TensorFlow cannot be imported."""
 
-    def __init__(self, name: str, split: str, data_dir: str):
+    def __init__(self, name: str, split: str, data_dir: str, purpose: str | None = None):
         self.name, self.split = name, split
         self.data_dir = os.path.expanduser(data_dir)
-        self.builder = _tfds_builder(name, self.data_dir)
+        if purpose is None:
+            command = PREPARE_COMMAND.format(name=name, data_dir=data_dir)
+            purpose = (
+                f"split '{split}' of '{name}' is not in the array cache of {data_dir}, and reading it from TFDS "
+                f"(prepare the cache where TensorFlow is installed with `{command}`, then copy data_dir)"
+            )
+        self.builder = _tfds_builder(name, self.data_dir, purpose)
 
     def info(self) -> SourceInfo:
         info = self.builder.info
@@ -87,6 +71,11 @@ class TfdsSource:
         return ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32)))
 
     def load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The split decoded in memory: from the array cache when it holds it, else through TFDS (which then
+        writes the cache, see :func:`_load_tfds_arrays`)."""
+        cached = array_cache.lookup(self.name, self.split, self.data_dir)
+        if cached is not None:
+            return cached.load_arrays()
         return _load_tfds_arrays(self.name, self.split, self.data_dir)
 
     def _absolute_range(self, start: int, end: int):
@@ -99,8 +88,8 @@ class TfdsSource:
         return tfds.core.ReadInstruction(parts[0].splitname, from_=offset + start, to=offset + end, unit="abs")
 
 
-def _tfds_builder(name: str, data_dir: str):
-    tfds = import_tfds()
+def _tfds_builder(name: str, data_dir: str, purpose: str):
+    tfds = require_tfds(purpose)
     try:
         builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
     except tfds.core.registered.DatasetNotFoundError as e:
@@ -116,18 +105,77 @@ def _supervised_keys(info) -> tuple[str, str]:
     return (keys[0], keys[1]) if keys else ("image", "label")
 
 
+def decode_tfds_split(source: TfdsSource, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, H, W, C], labels int32 [N]) of ``split`` (default: the source's) decoded by TFDS, in the
+    order TFDS reads it; no cache involved."""
+    tfds = import_tfds()
+    image_key, label_key = _supervised_keys(source.builder.info)
+    ds = source.builder.as_dataset(split=split or source.split, shuffle_files=False, batch_size=-1)
+    arrays = tfds.as_numpy(ds)
+    return arrays[image_key], arrays[label_key].astype(np.int32)
+
+
 @functools.lru_cache(maxsize=4)
 def _load_tfds_arrays(name: str, split: str, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
-    """Decodes a whole split once per process (cached: train and eval iterators share it)."""
-    tfds = import_tfds()
+    """Decodes a split through TFDS once per process (cached: train and eval iterators share it) and stores it in
+    the array cache. A slice of a whole split stored in one shard (``'train[:90%]'``) decodes and stores the whole
+    split, then cuts the slice from it, so every slice of it is found in the cache later; other splits (joins,
+    slices of multi-shard splits) are stored under their own string."""
     source = TfdsSource(name, split, data_dir)
-    image_key, label_key = _supervised_keys(source.builder.info)
-    ds = source.builder.as_dataset(split=split, shuffle_files=False, batch_size=-1)
-    arrays = tfds.as_numpy(ds)
-    images, labels = arrays[image_key], arrays[label_key].astype(np.int32)
-    images.setflags(write=False)  # shared between iterators: nobody may augment it in place
-    labels.setflags(write=False)
-    return images, labels
+    whole = _whole_split_to_store(source)
+    if whole is not None and whole != split:
+        array_cache.store(name, source.builder.data_dir, whole, decode_tfds_split(source, whole), *_meta(source, whole))
+    cached = array_cache.lookup(name, split, data_dir)
+    if cached is not None:
+        return cached.load_arrays()
+    arrays = decode_tfds_split(source)
+    for array in arrays:
+        array.setflags(write=False)  # shared between iterators: nobody may augment it in place
+    info = source.info()
+    if array_cache.worth_caching(info.num_examples, info.image_shape):
+        array_cache.store(name, source.builder.data_dir, split, arrays, info, _shard_lengths(source, split))
+    return arrays
+
+
+def _whole_split_to_store(source: TfdsSource) -> str | None:
+    """The name of the whole split that ``source.split`` slices (itself when it is one), when it lies in one shard
+    and is worth caching whole; else None."""
+    piece = split_spec.parse_slice(source.split)
+    if piece is None or piece.split_name not in source.builder.info.splits:
+        return None
+    info, shard_lengths = _meta(source, piece.split_name)
+    if len(shard_lengths) != 1 or not array_cache.worth_caching(info.num_examples, info.image_shape):
+        return None
+    return piece.split_name
+
+
+def _meta(source: TfdsSource, whole: str) -> tuple[SourceInfo, list[int]]:
+    """(SourceInfo, shard lengths) of the whole split ``whole`` of the source's dataset."""
+    info = dataclasses.replace(source.info(), num_examples=int(source.builder.info.splits[whole].num_examples))
+    return info, _shard_lengths(source, whole)
+
+
+def _shard_lengths(source: TfdsSource, split: str) -> list[int] | None:
+    """The shard lengths of a whole split; None for a slice or a join (not one stored split)."""
+    splits = source.builder.info.splits
+    return [int(n) for n in splits[split].shard_lengths] if split in splits else None
+
+
+def cache_tfds_splits(name: str, data_dir: str) -> list[str]:
+    """Decodes every split of a prepared TFDS dataset that is worth caching (:func:`array_cache.worth_caching`)
+    into the array cache, rewriting what is there; returns one line per split saying what was done."""
+    purpose = f"writing the array cache of '{name}'"
+    lines = []
+    for split in _tfds_builder(name, os.path.expanduser(data_dir), purpose).info.splits:
+        source = TfdsSource(name, split, data_dir, purpose)
+        info = source.info()
+        if not array_cache.worth_caching(info.num_examples, info.image_shape):
+            limit = array_cache.MAX_CACHE_BYTES / 2**30
+            lines.append(f"{split}: not cached (images of varying size, or more than {limit:g} GiB: streamed)")
+            continue
+        path = array_cache.store(name, source.builder.data_dir, split, decode_tfds_split(source), *_meta(source, split))
+        lines.append(f"{split}: {info.num_examples} examples cached in {path}" if path else f"{split}: not written")
+    return lines
 
 
 class ImageFolderSource:
@@ -298,11 +346,23 @@ def _list_image_folder(root: Path, split: str, holdout_fraction: float):
 
 
 def make_source(cfg, split: str):
-    """The source for ``split`` of the dataset named in the data config."""
+    """The source for ``split`` of the dataset named in the data config. A TFDS split that the array cache holds
+    is served from it without importing TensorFlow (nfjax/data/array_cache.py)."""
     if cfg.dataset == "image_folder":
         limit = cfg.get("max_bad_fraction", DEFAULT_MAX_BAD_FRACTION)  # absent from configs saved by older runs
         return ImageFolderSource(cfg.data_dir, split, cfg.holdout_fraction, limit)
-    return TfdsSource(cfg.dataset, split, cfg.data_dir)
+    if cfg.dataset == SYNTHETIC:
+        return SyntheticSource.from_config(cfg, split)
+    return tfds_source(cfg.dataset, split, cfg.data_dir)
+
+
+def tfds_source(name: str, split: str, data_dir: str):
+    """A CachedTfdsSource when the array cache holds ``split``, else a TfdsSource (which needs TensorFlow)."""
+    cached = array_cache.lookup(name, split, data_dir)
+    if cached is None:
+        return TfdsSource(name, split, data_dir)
+    streaming = f"streaming split '{split}' of '{name}' (the config does not keep it in memory) through TFDS"
+    return array_cache.CachedTfdsSource(cached, split, lambda: TfdsSource(name, split, data_dir, streaming))
 
 
 def bad_files(cfg) -> list[tuple[str, str]]:

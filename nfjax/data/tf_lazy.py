@@ -2,13 +2,15 @@
 
 TensorFlow is only needed by the input pipeline; importing it costs seconds and, left alone, it would grab
 GPU memory that belongs to JAX. Every module in ``nfjax.data`` goes through these two functions so that the
-first import hides the GPUs from TensorFlow and keeps TFDS away from the network.
+first import hides the GPUs from TensorFlow and keeps TFDS away from the network. ``require_tf`` and
+``require_tfds`` do the same but turn a missing TensorFlow into one error that says what needed it.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 import sys
 from types import ModuleType
@@ -36,6 +38,39 @@ def import_tfds() -> ModuleType:
     gcs_utils = importlib.import_module("tensorflow_datasets.core.utils.gcs_utils")
     gcs_utils._is_gcs_disabled = True
     return tfds
+
+
+def tf_installed() -> bool:
+    """True when TensorFlow can be found (cheap: nothing is imported)."""
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+class TensorFlowMissingError(ImportError, RuntimeError):
+    """TensorFlow or TFDS cannot be imported where something needs it; the message says what needed it. An
+    ImportError (callers may treat it as one) and a RuntimeError (the command lines print it as a one-line error)."""
+
+
+def require_tf(purpose: str) -> ModuleType:
+    """:func:`import_tf`, or TensorFlowMissingError saying that ``purpose`` needs TensorFlow."""
+    try:
+        return import_tf()
+    except ImportError as e:
+        raise TensorFlowMissingError(_missing_message(purpose, e)) from None
+
+
+def require_tfds(purpose: str) -> ModuleType:
+    """:func:`import_tfds`, or TensorFlowMissingError saying that ``purpose`` needs TensorFlow Datasets."""
+    try:
+        return import_tfds()
+    except ImportError as e:
+        raise TensorFlowMissingError(_missing_message(purpose, e)) from None
+
+
+def _missing_message(purpose: str, error: ImportError) -> str:
+    return (
+        f"{purpose} needs TensorFlow, which cannot be imported ({error}); install it (pip install tensorflow-cpu "
+        "tensorflow-datasets), or see 'Training without TensorFlow' in docs/data.md"
+    )
 
 
 def _alias_importlib_resources() -> None:
