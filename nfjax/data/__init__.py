@@ -15,7 +15,7 @@ API (``cfg`` is the ``data`` ConfigDict from ``default_data_config()``; every fi
                        process_index=None, process_count=None, device_count=None) -> Iterator[dict]
   build_eval_iterator(cfg, *, global_batch, split=None, mesh=None,
                       process_index=None, process_count=None, device_count=None) -> Iterator[dict]
-  to_global_batch(batch, mesh, data_axis='data') -> dict[str, jax.Array]
+  to_global_batch(batch, mesh, data_axis=None) -> dict[str, jax.Array]   # None: over every mesh axis
   train_label_counts(cfg) -> int64 [K]        # training examples per class (train.class_weights)
   bad_files(cfg) -> [(path, reason)]                             # image-folder files left out (unusable)
   eval_split_name(cfg) -> str      # data.eval_split, or 'train fold 2 of 5' with data.num_folds (folds.py)
