@@ -7,6 +7,8 @@ data   images/s (and per CPU core) of the training input pipeline, e.g.
        tf.data decode -> crop -> flip -> resize loop, and the ratio of the two rates is reported.
 train  training-step time, images/s and GFLOP/s of a model (see nfjax/benchmark_train.py), e.g.
        python -m nfjax.benchmark train --model nfnet_f0 --image-size 192 --batch 8 --compare timm
+memory train-state bytes per device, plain data parallel vs FSDP, from shapes only (nfjax/benchmark_memory.py):
+       python -m nfjax.benchmark memory --model nfnet_f4 nfnet_f5 nfnet_f6 nfnet_f7 --fsdp 8
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ configure_host_devices()  # before JAX starts, as for training
 
 import numpy as np
 
+from nfjax.benchmark_memory import add_memory_parser
 from nfjax.benchmark_train import add_train_parser
 
 
@@ -199,6 +202,7 @@ def main(argv: Sequence[str] | None = None):
     subparsers = parser.add_subparsers(dest="benchmark", required=True)
     add_data_parser(subparsers)
     add_train_parser(subparsers)
+    add_memory_parser(subparsers)
     args = parser.parse_args(argv)
     return args.run(args)
 

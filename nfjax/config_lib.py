@@ -62,6 +62,9 @@ def default_train_config() -> ml_collections.ConfigDict:
             class_weights="none",
             compute_dtype="auto",  # 'auto' (bf16 on GPU/TPU, float32 on CPU) | 'float32' | 'bfloat16'
             num_devices=0,  # 0: every visible device
+            # Size of a second mesh axis 'fsdp' (must divide the devices): params, EMA and optimizer state are split
+            # over it (FSDP), the batch over all devices as before. 1: plain data parallelism. docs/training.md.
+            fsdp=1,
             log_every_steps=50,
             eval_every_steps=0,  # 0: once per eval_every_epochs
             eval_every_epochs=1.0,

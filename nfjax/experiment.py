@@ -146,7 +146,8 @@ def _check_train(train_cfg: ml_collections.ConfigDict) -> None:
             "'sigmoid_bce' (its one-vs-all terms have no single class to weigh); set train.class_weights='none' "
             "or change train.loss"
         )
-    for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_consecutive_nonfinite"):
+    fields = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_consecutive_nonfinite", "fsdp")
+    for field in fields:
         if train_cfg[field] < 1:
             raise ValueError(f"train.{field}={train_cfg[field]} is invalid: must be >= 1")
 
@@ -293,7 +294,8 @@ class Experiment:
         return make_class_weights(spec, counts, self.info.class_names)
 
     def train_step(self) -> Callable[[dict, dict], tuple[dict, dict]]:
-        """The jitted train step (state donated). The loss is weighted by ``class_weights``; the eval loss never is."""
+        """The jitted train step: the state in and out in ``state_spec.shardings`` (donated), the batch split over
+        every device, the metrics replicated. The loss is weighted by ``class_weights``; the eval loss never is."""
         train = self.cfg.train
         weights = None if self.class_weights is None else self.class_weights.weights
         loss_fn = make_loss_fn(
@@ -303,7 +305,9 @@ class Experiment:
         step = make_train_step(
             self.graphdef, self.optimizer, loss_fn, seed=train.seed, mesh=self.mesh, skip_nonfinite=skip
         )
-        return jax.jit(step, donate_argnums=0)
+        shardings, batch = self.state_spec.shardings, parallel.batch_sharding(self.mesh)
+        out = (shardings, parallel.replicated(self.mesh))  # the state stays in its layout: donation reuses it
+        return jax.jit(step, in_shardings=(shardings, batch), out_shardings=out, donate_argnums=0)
 
     @functools.cached_property
     def eval_step(self) -> Callable[[dict, dict, dict], dict]:
@@ -379,7 +383,8 @@ def build_experiment(
     """Validates the config's model/train/data parts and assembles the run. ``num_devices``: the mesh size
     (default train.num_devices for training, every device otherwise; 0 or None: every device). ``info``
     replaces the dataset's (benchmarks on synthetic data). ``training=False`` skips the check that the
-    training batch splits over this mesh (evaluating on another machine)."""
+    training batch splits over this mesh (evaluating on another machine) and builds a plain ``data`` mesh
+    (train.fsdp is a training setting: the weights alone are restored, replicated)."""
     if training:
         _check_train(cfg.train)
     model_metadata(cfg.model.name)  # unknown model names fail here, listing the valid ones
@@ -388,7 +393,8 @@ def build_experiment(
         info = data_lib.dataset_info(cfg.data)
         if training:
             data_lib.check_tensorflow_needs(cfg.data)
-    mesh = parallel.make_mesh(num_devices or (cfg.train.num_devices if training else None) or None)
+    fsdp = cfg.train.get("fsdp", 1) if training else 1  # absent from configs saved by older runs
+    mesh = parallel.make_mesh(num_devices or (cfg.train.num_devices if training else None) or None, fsdp)
     if training:
         data_lib.check_global_batch(cfg.train.global_batch, jax.process_count(), mesh.devices.size)
     return Experiment(cfg, info, mesh)

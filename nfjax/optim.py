@@ -47,6 +47,7 @@ from nfjax.clipping import (
     unitwise_norm,
 )
 from nfjax.optim_grads import accumulated_grads, sam_grads, sam_perturbations
+from nfjax.parallel import batch_axes
 from nfjax.plateau import Plateau
 from nfjax.schedules import (
     COSINE_SCHEDULES,
@@ -385,10 +386,14 @@ class Optimizer:
 
     def gradients(self, grad_fn: Callable, params: Any, batch: Any, rng: jax.Array, mesh) -> tuple[Any, Any]:
         """``(value, grads)`` of one optimizer step: SAM when ``sam_rho > 0``, else micro-batch accumulation
-        (plain ``grad_fn`` when ``accum_steps == 1``). ``grad_fn(params, batch, rng) -> (value, grads)``."""
+        (plain ``grad_fn`` when ``accum_steps == 1``). ``grad_fn(params, batch, rng) -> (value, grads)``. SAM's
+        per-device ascent runs over every axis of ``mesh`` (each device, holding its own slice of the batch)."""
         c = self.config
         if c.sam_rho > 0:
-            return sam_grads(grad_fn, params, batch, rho=c.sam_rho, fraction=c.sam_fraction, mesh=mesh, rng=rng)
+            axis = batch_axes(mesh)
+            return sam_grads(
+                grad_fn, params, batch, rho=c.sam_rho, fraction=c.sam_fraction, mesh=mesh, rng=rng, axis=axis
+            )
         return accumulated_grads(grad_fn, params, batch, c.accum_steps, rng=rng)
 
     def apply(self, state: dict[str, Any], grads: Any) -> tuple[dict[str, Any], dict[str, jax.Array]]:

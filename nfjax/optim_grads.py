@@ -99,7 +99,7 @@ def _perturbation(grad_fn, params, local_batch, rng, rho: float, fraction: float
     return jax.tree.map(lambda g: (scale * g).astype(g.dtype), grads)
 
 
-def _local_params(params: Any, axis: str) -> Any:
+def _local_params(params: Any, axis: str | tuple[str, ...]) -> Any:
     """Marks the replicated params as device-varying before differentiating.
 
     Inside ``shard_map`` the gradient with respect to a replicated (axis-invariant) input is
@@ -109,7 +109,7 @@ def _local_params(params: Any, axis: str) -> Any:
     return jax.lax.pcast(params, axis, to="varying")
 
 
-def _local_rng(rng: jax.Array | None, axis: str) -> jax.Array | None:
+def _local_rng(rng: jax.Array | None, axis: str | tuple[str, ...]) -> jax.Array | None:
     # Distinct per device: stochastic depth / dropout masks must differ across devices.
     return None if rng is None else jax.random.fold_in(rng, jax.lax.axis_index(axis))
 
@@ -123,7 +123,7 @@ def sam_grads(
     fraction: float,
     mesh: Mesh,
     rng: jax.Array | None = None,
-    axis: str = "data",
+    axis: str | tuple[str, ...] = "data",
 ) -> tuple[Any, Any]:
     """SAM as in the NFNet paper; call inside ``jax.jit``. Returns the synchronized ``(value, grads)``.
 
@@ -134,8 +134,9 @@ def sam_grads(
     2. descent: ``h_d = grad L(p + e_d; b_d)``;
 
     then ``grads = mean_d h_d`` (and ``value = mean_d value_d``), i.e. the mean over the global batch.
-    With ``rho = 0`` this is the plain gradient. ``params`` are replicated, ``batch`` is sharded along
-    ``axis``. Costs about ``1 + fraction`` forward/backward passes.
+    With ``rho = 0`` this is the plain gradient. ``params`` are replicated (gathered first when they are
+    sharded, as under FSDP), ``batch`` is sharded along ``axis``, a mesh axis or a tuple of them (``('data',
+    'fsdp')``: every device of a 2-D mesh is one ``d``). Costs about ``1 + fraction`` forward/backward passes.
     """
     params = _place(params, mesh, P())
     batch = _place(batch, mesh, P(axis))
@@ -158,7 +159,7 @@ def sam_perturbations(
     fraction: float,
     mesh: Mesh,
     rng: jax.Array | None = None,
-    axis: str = "data",
+    axis: str | tuple[str, ...] = "data",
 ) -> Any:
     """Every device's ascent perturbation ``e_d`` stacked on a leading axis (diagnostics and tests)."""
     params = _place(params, mesh, P())

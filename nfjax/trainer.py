@@ -1,8 +1,10 @@
 """The training loop over an :class:`nfjax.experiment.Experiment`.
 
-Data-parallel ``jax.jit`` over a ``data`` mesh (batch sharded, state replicated), state created through
-``jax.eval_shape`` then a jitted init with output shardings, donated state, ``fold_in(seed, step)`` RNG, orbax
-checkpoints with automatic resume, evaluation of raw and EMA weights, JSON-lines + TensorBoard metrics.
+Data-parallel ``jax.jit`` over a ``data`` mesh (batch sharded, state replicated; with ``train.fsdp`` a
+``(data, fsdp)`` mesh whose ``fsdp`` axis splits the large state leaves, see :mod:`nfjax.parallel`), state
+created through ``jax.eval_shape`` then a jitted init with output shardings, donated state, ``fold_in(seed,
+step)`` RNG, orbax checkpoints with automatic resume, evaluation of raw and EMA weights, JSON-lines +
+TensorBoard metrics.
 """
 
 from __future__ import annotations

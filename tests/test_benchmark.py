@@ -5,6 +5,7 @@ import json
 import pytest
 
 from nfjax.benchmark import main
+from nfjax.benchmark_memory import format_memory_report
 from nfjax.benchmark_train import timm_name
 
 
@@ -27,6 +28,20 @@ def test_train_benchmark_json_report(capsys):
     assert report["train_gflop_per_step"] == pytest.approx(gflop)
     assert row["gflop_per_s"] == pytest.approx(gflop / row["step_s"])
     assert report["forward_gmacs_per_image"] > 0.01
+
+
+def test_memory_report_counts_shard_bytes_without_allocating(capsys):
+    report = main(["memory", "--model", "nf_resnet_small", "nfnet_f0", "--fsdp", "8", "--json"])
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(report))
+    small, f0 = report["rows"]
+    assert f0["params"] == 71_489_284  # nfnet_f0 with 1000 classes (tests/test_models.py)
+    for row in (small, f0):
+        dp, fsdp = row["dp"], row["fsdp"]
+        assert dp["params"] == dp["ema"] == 4 * row["params"]  # float32, replicated
+        assert dp["opt_state"] == 4 * row["params"] + 8  # SGD momentum, the AGC clip fraction and step count
+        assert dp["params"] / 8 <= fsdp["params"] < dp["params"] / 4  # most bytes split 8 ways
+    assert 0.87 < f0["saved"] < 0.875  # at most 7/8; the small leaves stay replicated
+    assert "| nfnet_f0 | 71.5 |" in format_memory_report(report)
 
 
 def test_unknown_model_lists_valid_names(capsys):

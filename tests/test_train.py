@@ -234,6 +234,7 @@ def test_nfnet_f0_without_imagenet_fails_fast(tmp_path, capsys):
         ("--config.model.name=nfnet_f9", ["unknown model 'nfnet_f9'", "nfnet_f0", "resnet_small"]),
         ("--config.train.epoch=3", ["--config.train.epoch", "--config.train.epochs"]),
         ("--config.train.global_batch=100", ["100", "8 devices"]),
+        ("--config.train.fsdp=3", ["train.fsdp=3", "8 devices", "choose one of 1, 2, 4, 8"]),
     ],
 )
 def test_bad_input_is_one_clear_paragraph(fmnist_dir, tmp_path, capsys, override, needles):

@@ -17,7 +17,7 @@ API (``cfg`` is the ``data`` ConfigDict from ``default_data_config()``; every fi
                        process_index=None, process_count=None, device_count=None) -> Iterator[dict]
   build_eval_iterator(cfg, *, global_batch, split=None, mesh=None,
                       process_index=None, process_count=None, device_count=None) -> Iterator[dict]
-  to_global_batch(batch, mesh, data_axis='data') -> dict[str, jax.Array]
+  to_global_batch(batch, mesh, data_axis=None) -> dict[str, jax.Array]   # None: over every mesh axis
   check_tensorflow_needs(cfg) -> None   # without TensorFlow: error now if train/eval input needs tf.data
   train_label_counts(cfg) -> int64 [K]        # training examples per class (train.class_weights)
   bad_files(cfg) -> [(path, reason)]                             # image-folder files left out (unusable)

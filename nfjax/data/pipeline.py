@@ -156,9 +156,9 @@ def check_tensorflow_needs(cfg) -> None:
             _require_tf_data(cfg, info, train)
 
 
-def _plan(global_batch, mesh, process_index, process_count, device_count, data_axis="data"):
+def _plan(global_batch, mesh, process_index, process_count, device_count):
     if device_count is None and mesh is not None:
-        device_count = mesh.shape[data_axis] if data_axis in mesh.axis_names else mesh.devices.size
+        device_count = mesh.devices.size  # the batch is split over every axis of the mesh (to_global_batch)
     return sharding.make_host_plan(global_batch, process_index, process_count, device_count)
 
 
@@ -177,7 +177,7 @@ def build_train_iterator(
 
     Each item: {'image': float32 [b, H, W, C], 'label': int32 [b]} plus 'label_probs' float32 [b, K] when
     mixing / smoothing / BCE targets are on; b = global_batch / process_count on the host, or global jax
-    Arrays sharded along the mesh's 'data' axis when ``mesh`` is given. ``seed`` defaults to cfg.seed.
+    Arrays sharded over the mesh's devices (every axis) when ``mesh`` is given. ``seed`` defaults to cfg.seed.
     """
     check_data_config(cfg)
     plan = _plan(global_batch, mesh, process_index, process_count, device_count)

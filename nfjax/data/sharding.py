@@ -132,13 +132,16 @@ def train_host_range(num_examples: int, plan: HostPlan) -> tuple[int, int]:
     return plan.process_index * per_host, (plan.process_index + 1) * per_host
 
 
-def to_global_batch(batch: dict, mesh, data_axis: str | tuple = "data") -> dict:
+def to_global_batch(batch: dict, mesh, data_axis: str | tuple | None = None) -> dict:
     """Host-local numpy batch -> dict of jax.Arrays sharded along ``data_axis`` of ``mesh`` over all hosts.
 
     Each host passes its own local_batch rows; the result has the global batch as its leading dimension.
+    ``data_axis`` None: every axis of the mesh together (``'data'``, or ``('data', 'fsdp')`` with FSDP), so the
+    rows go to the devices in the mesh's device order, whatever its shape.
     """
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
+    data_axis = tuple(mesh.axis_names) if data_axis is None else data_axis
     sharding = NamedSharding(mesh, PartitionSpec(data_axis))
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
