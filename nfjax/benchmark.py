@@ -5,6 +5,9 @@ data   images/s (and per CPU core) of the training input pipeline, e.g.
        python -m nfjax.benchmark data --dataset fashion_mnist --data-dir DIR --preset small
        With synthetic_jpeg (or --compare-plain on an image folder) the same files also go through a plain
        tf.data decode -> crop -> flip -> resize loop, and the ratio of the two rates is reported.
+       --compare-grain (preset crop_flip, image files; needs `pip install grain`) also runs the same work as a
+       grain pipeline with 0, 1 and 2 worker processes (--grain-workers), checks its exact resume, and reports
+       grain / nfjax (see nfjax/benchmark_grain.py).
 train  training-step time, images/s and GFLOP/s of a model (see nfjax/benchmark_train.py), e.g.
        python -m nfjax.benchmark train --model nfnet_f0 --image-size 192 --batch 8 --compare timm
 memory train-state bytes per device, plain data parallel vs FSDP, from shapes only (nfjax/benchmark_memory.py):
@@ -14,6 +17,7 @@ memory train-state bytes per device, plain data parallel vs FSDP, from shapes on
 from __future__ import annotations
 
 import argparse
+import gc
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -74,19 +78,39 @@ def preset_config(preset: str, dataset: str, data_dir: str, image_size: int):
     return cfg
 
 
+def process_tree_cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process (every thread), its live descendants (e.g. grain's worker
+    processes; counted with psutil, which orbax-checkpoint and TFDS install) and its reaped children."""
+    import resource
+
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = time.process_time() + reaped.ru_utime + reaped.ru_stime
+    try:
+        import psutil
+    except ImportError:
+        return total
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.Error:  # exited meanwhile: counted once reaped
+            continue
+        total += times.user + times.system
+    return total
+
+
 def measure(batches: Iterator, batch_size: int, steps: int, warmup: int, label: str) -> tuple[float, float]:
-    """(images per wall-clock second, images per CPU-second of this process) over ``steps`` batches after
-    ``warmup`` batches. CPU time counts every thread of the process, so the second number is the cost per
-    core and is less sensitive to other programs sharing the machine."""
+    """(images per wall-clock second, images per CPU-second of the process tree) over ``steps`` batches after
+    ``warmup`` batches. CPU time counts every thread of the process and of its worker processes, so the second
+    number is the cost per core and is less sensitive to other programs sharing the machine."""
     from tqdm import tqdm
 
     for _ in range(warmup):
         next(batches)
-    wall, cpu = time.perf_counter(), time.process_time()
+    wall, cpu = time.perf_counter(), process_tree_cpu_seconds()
     for _ in tqdm(range(steps), desc=label, unit="batch", leave=False, mininterval=1.0):
         next(batches)
     images = steps * batch_size
-    return images / (time.perf_counter() - wall), images / (time.process_time() - cpu)
+    return images / (time.perf_counter() - wall), images / (process_tree_cpu_seconds() - cpu)
 
 
 def plain_tfdata_batches(files: Sequence[str], batch_size: int, image_size: int) -> Iterator:
@@ -115,9 +139,38 @@ def plain_tfdata_batches(files: Sequence[str], batch_size: int, image_size: int)
 
 
 def _close(iterator) -> None:
-    """Stops a pipeline so that its threads do not compete with the next measurement."""
+    """Stops a pipeline so that its threads (and worker processes) do not compete with the next measurement."""
     if hasattr(iterator, "close"):
         iterator.close()
+
+
+def _grain_builders(args: argparse.Namespace, cfg, source) -> dict:
+    """The grain pipelines of ``--grain-workers``, each checked once for exact resume (reported on stdout)."""
+    from nfjax.benchmark_grain import GrainSpec, check_resume, grain_builders
+    from nfjax.data.config import mean_std
+
+    mean, std = mean_std(cfg, 3)
+    spec = GrainSpec(source.paths, source.labels, args.batch, args.image_size, mean, std, threads=args.grain_threads)
+    builders = grain_builders(spec, args.grain_workers)
+    for name, build in builders.items():
+        verdict = "exact" if check_resume(build) else "DIFFERENT BATCHES"
+        print(f"{name}: resume from get_state() after 3 batches, next 3 batches: {verdict}", flush=True)
+    return builders
+
+
+def _check_grain_args(args: argparse.Namespace) -> None:
+    """Exits with one line when --compare-grain cannot run: grain missing, or not the crop_flip work on files."""
+    if not args.compare_grain:
+        return
+    from nfjax.benchmark_grain import grain_missing_message
+
+    if message := grain_missing_message():
+        raise SystemExit(message)
+    if args.preset != "crop_flip" or args.dataset not in ("synthetic_jpeg", "image_folder"):
+        raise SystemExit(
+            "--compare-grain runs the crop_flip preset on image files: use --preset crop_flip with "
+            "--dataset synthetic_jpeg or image_folder"
+        )
 
 
 def benchmark_data(args: argparse.Namespace) -> dict:
@@ -129,6 +182,7 @@ def benchmark_data(args: argparse.Namespace) -> dict:
     from nfjax.data import build_train_iterator
     from nfjax.data.sources import ImageFolderSource
 
+    _check_grain_args(args)
     with tempfile.TemporaryDirectory() as tmp:
         dataset, data_dir = args.dataset, args.data_dir
         if dataset == "synthetic_jpeg":
@@ -142,9 +196,12 @@ def benchmark_data(args: argparse.Namespace) -> dict:
             )
         }
         # The reference loop does crop + flip only, so by default it is compared with that preset alone.
-        if args.compare_plain or (args.dataset == "synthetic_jpeg" and args.preset == "crop_flip"):
-            files = ImageFolderSource(data_dir, "all").paths
-            builders["plain_tfdata"] = lambda: plain_tfdata_batches(files, args.batch, args.image_size)
+        compare_plain = args.compare_plain or (args.dataset == "synthetic_jpeg" and args.preset == "crop_flip")
+        source = ImageFolderSource(data_dir, "all") if compare_plain or args.compare_grain else None
+        if compare_plain:
+            builders["plain_tfdata"] = lambda: plain_tfdata_batches(source.paths, args.batch, args.image_size)
+        if args.compare_grain:
+            builders.update(_grain_builders(args, cfg, source))
         result = {name: [] for name in builders}
         for round_index in range(args.rounds):
             for name, build in builders.items():
@@ -153,6 +210,7 @@ def benchmark_data(args: argparse.Namespace) -> dict:
                 result[name].append(measure(iterator, args.batch, args.steps, args.warmup, label))
                 _close(iterator)
                 del iterator
+                gc.collect()  # frees what a closed pipeline still holds (grain: nested iterators, shared memory)
     _report(result, args)
     return result
 
@@ -176,6 +234,13 @@ def _report(result: dict, args: argparse.Namespace) -> None:
     if "plain_tfdata" in result:
         ratios = [_median(result["nfjax"], i) / _median(result["plain_tfdata"], i) for i in (0, 1)]
         print(f"  nfjax / plain tf.data: {ratios[0]:.2f} (wall-clock), {ratios[1]:.2f} (per CPU-second)")
+    for name in (n for n in result if n.startswith("grain")):
+        ratios = [_median(result[name], i) / _median(result["nfjax"], i) for i in (0, 1)]
+        print(f"  {name} / nfjax: {ratios[0]:.2f} (wall-clock), {ratios[1]:.2f} (per CPU-second)")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part.strip())
 
 
 def add_data_parser(subparsers) -> None:
@@ -191,6 +256,13 @@ def add_data_parser(subparsers) -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--num-images", type=int, default=300, help="synthetic_jpeg: files to generate")
     parser.add_argument("--compare-plain", action="store_true", help="also time a plain tf.data loop")
+    parser.add_argument(
+        "--compare-grain", action="store_true", help="also time the crop_flip work as a grain pipeline (needs grain)"
+    )
+    parser.add_argument(
+        "--grain-workers", type=_int_list, default=(0, 1, 2), help="--compare-grain: worker process counts, e.g. 0,2"
+    )
+    parser.add_argument("--grain-threads", type=int, default=16, help="--compare-grain: read threads per process")
     parser.set_defaults(run=benchmark_data)
 
 

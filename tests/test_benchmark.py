@@ -1,12 +1,26 @@
-"""The training-step benchmark, run in-process on a tiny model (no timing assertions)."""
+"""The benchmarks, run in-process on tiny inputs (no timing assertions): the training step on a tiny model, and
+the parts of the grain comparison that run without grain."""
 
 import json
+import sys
 
+import numpy as np
 import pytest
 
+from nfjax import benchmark, benchmark_grain
 from nfjax.benchmark import main
 from nfjax.benchmark_memory import format_memory_report
+from nfjax.benchmark_grain import (
+    GRAIN_INSTALL_HINT,
+    CropFlipNormalize,
+    GrainSpec,
+    check_resume,
+    distorted_box_window,
+    grain_builders,
+)
 from nfjax.benchmark_train import timm_name
+from nfjax.data import augment
+from nfjax.data.tf_lazy import import_tf
 
 
 def test_train_benchmark_json_report(capsys):
@@ -59,3 +73,66 @@ def test_timm_names():
     assert timm_name("nf_resnet50") == "nf_resnet50"
     assert timm_name("nfnet_f0plus") is None
     assert timm_name("nf_resnet_small") is None
+
+
+def test_compare_grain_without_grain_is_one_line(monkeypatch):
+    """grain is optional (not in the test extra): --compare-grain without it exits with the install hint,
+    before any file is written."""
+    monkeypatch.setitem(sys.modules, "grain", None)  # `import grain` raises ImportError
+    monkeypatch.setattr(benchmark, "make_synthetic_jpegs", lambda *a, **k: pytest.fail("files were written"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "--compare-grain"])
+    assert exit_info.value.code == GRAIN_INSTALL_HINT
+    assert "\n" not in GRAIN_INSTALL_HINT and "pip install grain" in GRAIN_INSTALL_HINT
+
+
+def test_compare_grain_needs_crop_flip_on_files(monkeypatch):
+    monkeypatch.setattr(benchmark_grain, "grain_missing_message", lambda: None)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "--compare-grain", "--preset", "nfnet"])
+    assert "--preset crop_flip" in exit_info.value.code
+
+
+def test_distorted_box_window_matches_tf_sampler():
+    """The NumPy port draws windows like augment.sample_crop_window (same distribution, other random numbers)."""
+    tf = import_tf()
+    height, width, size = 375, 500, 224
+    rng = np.random.default_rng(0)
+    ours = np.array([distorted_box_window(height, width, size, rng) for _ in range(2000)])
+    sample = tf.function(lambda seed: tf.stack(augment.sample_crop_window(tf.constant([height, width, 3]), seed, size)))
+    theirs = np.array([sample(tf.constant([3, i], tf.int64)).numpy() for i in range(1000)])
+    assert (ours[:, :2] >= 0).all() and (ours[:, 0] + ours[:, 2] <= height).all()
+    assert (ours[:, 1] + ours[:, 3] <= width).all()
+    for windows in (ours, theirs):
+        area, aspect = windows[:, 2] * windows[:, 3] / (height * width), windows[:, 3] / windows[:, 2]
+        assert area.min() >= augment.RRC_MIN_OBJECT_COVERED
+        assert 3 / 4 - 0.01 <= aspect.min() and aspect.max() <= 4 / 3 + 0.01
+    area = lambda w: np.mean(w[:, 2] * w[:, 3]) / (height * width)
+    aspect = lambda w: np.mean(w[:, 3] / w[:, 2])
+    assert area(ours) == pytest.approx(area(theirs), abs=0.03)  # both about 0.39, standard error 0.008
+    assert aspect(ours) == pytest.approx(aspect(theirs), abs=0.02)  # both about 1.04
+    # No box can cover 10% of a 20 x 2000 strip: both fall back to the same centred square.
+    fallback = augment.sample_crop_window(tf.constant([20, 2000, 3]), tf.constant([3, 0], tf.int64), size)
+    assert distorted_box_window(20, 2000, size, rng) == tuple(int(v) for v in fallback)
+
+
+def test_grain_crop_flip_is_a_function_of_the_generator(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "image.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), np.uint8)).save(path)
+    transform = CropFlipNormalize(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    first = transform((str(path), 3), np.random.default_rng(5))
+    again = transform((str(path), 3), np.random.default_rng(5))
+    np.testing.assert_array_equal(first["image"], again["image"])
+    assert first["image"].shape == (32, 32, 3) and first["image"].dtype == np.float32 and first["label"] == 3
+    assert -1.0 <= first["image"].min() and first["image"].max() <= 1.0  # uint8 pixels normalized to [-1, 1]
+
+
+def test_grain_pipeline_resumes_exactly(tmp_path):
+    pytest.importorskip("grain")  # not installed in CI
+    root = benchmark.make_synthetic_jpegs(tmp_path, num_images=12, num_classes=2)
+    files = sorted(str(p) for p in root.glob("*/*.jpg"))
+    spec = GrainSpec(files, [int("class_1" in f) for f in files], batch=4, size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
+    build = grain_builders(spec, workers=(0,))["grain_w0"]
+    assert check_resume(build, skip=4, compare=3)  # crosses the end of the 12-file epoch
