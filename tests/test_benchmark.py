@@ -9,7 +9,6 @@ import pytest
 
 from nfjax import benchmark, benchmark_grain
 from nfjax.benchmark import main
-from nfjax.benchmark_memory import format_memory_report
 from nfjax.benchmark_grain import (
     GRAIN_INSTALL_HINT,
     CropFlipNormalize,
@@ -18,6 +17,7 @@ from nfjax.benchmark_grain import (
     distorted_box_window,
     grain_builders,
 )
+from nfjax.benchmark_memory import format_memory_report
 from nfjax.benchmark_train import timm_name
 from nfjax.data import augment
 from nfjax.data.tf_lazy import import_tf
