@@ -217,6 +217,96 @@ def profile(args, lowering: str) -> dict:
     return dict(phases=phases, kinds=kinds, conv_gflop=conv_flops(ops) / 1e9)
 
 
+@contextlib.contextmanager
+def only_lowerings(kinds: set[str]):
+    """Forces the CPU lowerings, then puts XLA's own op back for every kind not in ``kinds`` (of 'grouped',
+    'pointwise', 'max_pool', 'batch_norm'), so one lowering's effect on the whole step can be measured."""
+    import jax
+    import numpy as np
+
+    from nfjax.models import layers, lowering
+
+    dn = ("NHWC", "HWIO", "NHWC")
+    saved = dict(
+        conv2d=layers.conv2d,
+        pointwise=lowering.pointwise_conv,
+        pool=lowering._max_pool_slices,
+        bn=lowering.batch_norm_train,
+    )
+
+    def conv2d(x, kernel, strides=(1, 1), padding="SAME", groups=1, impl="auto"):
+        native = groups > 1 and "grouped" not in kinds
+        return saved["conv2d"](x, kernel, strides, padding, groups, "native" if native else impl)
+
+    def pointwise(x, kernel, strides=(1, 1)):
+        return jax.lax.conv_general_dilated(x, kernel, tuple(strides), "VALID", dimension_numbers=dn)
+
+    def pool(x, pads_h, pads_w):
+        init = np.array(-np.inf, x.dtype)
+        return jax.lax.reduce_window(x, init, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), pads_h, pads_w, (0, 0)))
+
+    def batch_norm(x, scale, bias, eps):
+        mean, var = lowering._batch_norm_stats(x)
+        return (
+            (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias,
+            jax.lax.stop_gradient(mean),
+            jax.lax.stop_gradient(var),
+        )
+
+    layers.conv2d = conv2d
+    if "pointwise" not in kinds:
+        lowering.pointwise_conv = pointwise
+    if "max_pool" not in kinds:
+        lowering._max_pool_slices = pool
+    if "batch_norm" not in kinds:
+        lowering.batch_norm_train = batch_norm
+    try:
+        with lowering.forced_lowering("split"):
+            yield
+    finally:
+        layers.conv2d, lowering.pointwise_conv = saved["conv2d"], saved["pointwise"]
+        lowering._max_pool_slices, lowering.batch_norm_train = saved["pool"], saved["bn"]
+
+
+ABLATIONS = {
+    "XLA's ops": set(),
+    "+ grouped split": {"grouped"},
+    "+ 1x1 as dots": {"pointwise"},
+    "+ max-pool gradient": {"max_pool"},
+    "+ BatchNorm backward": {"batch_norm"},
+    "all CPU lowerings": {"grouped", "pointwise", "max_pool", "batch_norm"},
+}
+
+
+def ablation(args) -> None:
+    """Times the whole train step with each CPU lowering alone, alternated over ``repeats`` rounds."""
+    import jax
+
+    from nfjax.benchmark_train import build_benchmark_experiment
+    from nfjax.losses import make_loss_fn
+    from nfjax.steps import make_train_step
+
+    exp, state, batch = build_benchmark_experiment(args.model, args.image_size, args.batch)
+    compiled, times = {}, collections.defaultdict(list)
+    for name in args.ablation:
+        with only_lowerings(ABLATIONS[name]):
+            step = make_train_step(exp.graphdef, exp.optimizer, make_loss_fn("softmax_xent"), seed=0, mesh=exp.mesh)
+            compiled[name] = jax.jit(step).lower(state, batch).compile()
+        jax.block_until_ready(compiled[name](state, batch))
+        print(f"  compiled: {name}", file=sys.stderr, flush=True)
+    for _ in range(args.repeats):
+        for name, fn in compiled.items():
+            for _ in range(2):
+                start = time.perf_counter()
+                jax.block_until_ready(fn(state, batch))
+                times[name].append(time.perf_counter() - start)
+    base = statistics.median(times[args.ablation[0]])
+    print(f"| {args.model} {args.image_size}px batch {args.batch}: train step | ms | speed-up |")
+    for name in args.ablation:
+        median = statistics.median(times[name])
+        print(f"| {name} | {median * 1e3:.0f} | {base / median:.2f}x |")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="nf_resnet50")
@@ -224,7 +314,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lowering", nargs="+", default=["native", "split"], choices=["native", "split"])
+    parser.add_argument(
+        "--ablation", nargs="+", choices=list(ABLATIONS), help="instead: the whole step with each lowering alone"
+    )
     args = parser.parse_args(argv)
+    if args.ablation:
+        ablation(args)
+        return 0
     results = {lowering: profile(args, lowering) for lowering in args.lowering}
     print(f"{args.model} {args.image_size}px batch {args.batch}, float32, ms (median of {args.repeats})")
     header = " | ".join(args.lowering)

@@ -136,3 +136,24 @@ def test_grain_pipeline_resumes_exactly(tmp_path):
     spec = GrainSpec(files, [int("class_1" in f) for f in files], batch=4, size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
     build = grain_builders(spec, workers=(0,))["grain_w0"]
     assert check_resume(build, skip=4, compare=3)  # crosses the end of the 12-file epoch
+
+
+def test_rounds_alternate_the_implementations_after_every_warm_up():
+    from types import SimpleNamespace
+
+    from nfjax.benchmark_train import Runner, time_rounds
+
+    calls = []
+    runners = [Runner(name, lambda name=name: calls.append(name) or 1.0, {}) for name in ("nfjax", "timm")]
+    time_rounds(runners, SimpleNamespace(warmup=1, steps=2, rounds=3))
+    assert calls == ["nfjax", "timm"] + ["nfjax", "nfjax", "timm", "timm"] * 3
+    for runner in runners:
+        row = runner.row()
+        assert len(row["step_times_s"]) == 6 and row["loss"] == 1.0  # warm-up steps are not timed
+
+
+def test_bad_rounds_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--model", "nf_resnet_small", "--rounds", "0"])
+    assert exit_info.value.code == 2
+    assert "--rounds must be at least 1" in capsys.readouterr().err
