@@ -88,6 +88,9 @@ def run_cli(prog: str, argv: list[str] | None, fn: Callable[[ml_collections.Conf
             return None
         if not workdir:
             raise UsageError("--workdir is required: the folder for checkpoints, metrics and logs")
+        from nfjax.compile_cache import configure_compilation_cache  # imports jax: only once a run starts
+
+        configure_compilation_cache()
         return fn(cfg, os.path.abspath(os.path.expanduser(workdir)))
 
     code, result = run_guarded(run)

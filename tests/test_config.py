@@ -1,5 +1,8 @@
 """The one config loader and parser: typed values, clear errors, and every shipped config loads and validates."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import ml_collections
@@ -91,3 +94,23 @@ def test_the_torchvision_recipe_keeps_per_gpu_bn_statistics_only_for_batches_of_
     assert load_config_file(f"{ROOT}/configs/resnet50_bn.py").model.kwargs.bn_ghost_size == 32
     assert load_config_file(f"{ROOT}/configs/resnet50_bn.py:batch=512").model.kwargs.bn_ghost_size == 32
     assert load_config_file(f"{ROOT}/configs/resnet50_bn.py:batch=100").model.kwargs.bn_ghost_size == 0
+
+
+def test_command_line_runs_keep_a_compilation_cache_unless_told_not_to(tmp_path):
+    # In a fresh interpreter (this one's JAX already has the test session's cache folder).
+    code = (
+        "import os, jax\n"
+        "from nfjax.compile_cache import configure_compilation_cache as c\n"
+        "os.environ['NFJAX_XLA_CACHE'] = 'off'\n"
+        "print(c(), jax.config.jax_compilation_cache_dir)\n"
+        "del os.environ['NFJAX_XLA_CACHE']\n"
+        "print(c(), jax.config.jax_persistent_cache_min_compile_time_secs)\n"
+        "os.environ['NFJAX_XLA_CACHE'] = os.path.join(os.environ['HOME'], 'other')\n"
+        "print(c())  # JAX has a folder now: left as it is\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION", "NFJAX_XLA"))}
+    env["HOME"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    default = str(tmp_path / ".cache" / "nfjax" / "xla")
+    assert out.splitlines() == ["None None", f"{default} 1.0", default]
+    assert os.path.isdir(default)
