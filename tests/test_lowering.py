@@ -107,3 +107,24 @@ def test_small_networks_give_the_same_loss_and_gradients_under_both_lowerings(na
     (v_native, g_native), (v_split, g_split) = results
     np.testing.assert_allclose(v_split, v_native, rtol=1e-5)
     chex.assert_trees_all_close(g_split, g_native, rtol=1e-3, atol=1e-5)
+
+
+def test_the_profiler_records_every_op_of_the_forward_and_restores_the_layers():
+    from nfjax.benchmark_train import build_benchmark_experiment
+
+    from helpers import load_script
+
+    profile = load_script("profile_step")
+    exp, state, batch = build_benchmark_experiment("resnet_small", 16, 8)
+    before = (L.conv2d, lowering.pointwise_conv, lowering.batch_norm_train, L.BatchNorm.__call__)
+    ops, first_block = profile.record_ops(exp, state, batch)
+    with profile.only_lowerings({"max_pool"}):
+        assert lowering.pointwise_conv is not before[1] and lowering.batch_norm_train is not before[2]
+    assert (L.conv2d, lowering.pointwise_conv, lowering.batch_norm_train, L.BatchNorm.__call__) == before
+    convs = [op for op in ops if op[0] == "conv"]
+    kinds = {op[0] for op in ops}
+    assert kinds == {"conv", "batch_norm"}  # the small-image BN ResNet: no max pool, no weight standardization
+    assert first_block == 1 and convs[0][1:3] == ((8, 16, 16, 3), (3, 3, 3, 32))  # its 3x3 stem, then the blocks
+    assert sum(op[0] == "batch_norm" for op in ops) == len(convs)  # one BN per convolution
+    assert profile.conv_kind(convs[0], first_block, 0) == "stem convs"
+    assert {profile.conv_kind(op, first_block, i) for i, op in enumerate(convs)} >= {"1x1 convs", "3x3 convs"}
