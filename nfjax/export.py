@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from nfjax import parallel, saved_model
 from nfjax.cli import run_parsed
 from nfjax.inference import InferenceModel, load_inference_model
+from nfjax.models import lowering
 
 CONTRACT_FORMAT = 1
 FORMATS = ("jax", "saved_model")
@@ -43,7 +44,8 @@ def export_model(model: InferenceModel, platforms: tuple[str, ...] | None = None
     batch dimension: float32 [batch, S, S, C] -> float32 [batch, num_classes]."""
     (batch,) = jax.export.symbolic_shape("batch")
     spec = jax.ShapeDtypeStruct((batch, *model.input_shape), jnp.float32)
-    return jax.export.export(jax.jit(model.logits), platforms=platforms)(spec)
+    with lowering.for_platforms(platforms):  # CPU lowerings only in an artifact for CPUs alone
+        return jax.export.export(jax.jit(model.logits), platforms=platforms)(spec)
 
 
 def contract(model: InferenceModel, artifact: str, **serialization: Any) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import jax
 
 from nfjax.data.tf_lazy import import_tf
 from nfjax.inference import InferenceModel
+from nfjax.models import lowering
 from nfjax.steps import apply_model
 
 SIGNATURE = "serving_default"
@@ -82,10 +83,11 @@ def save_saved_model(model: InferenceModel, out: str, platforms: tuple[str, ...]
     behind."""
     check_out(out)
     tf, _ = import_tensorflow()
-    module = serving_module(model, platforms)
     tmp = f"{out}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tf.saved_model.save(module, tmp, signatures={SIGNATURE: module.serve})
+    with lowering.for_platforms(platforms):  # traced here: CPU lowerings only in an artifact for CPUs alone
+        module = serving_module(model, platforms)
+        tf.saved_model.save(module, tmp, signatures={SIGNATURE: module.serve})
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
 

@@ -9,7 +9,8 @@ standardization the forward calls is recorded with its shapes (by tracing the mo
 is timed alone forward and forward + backward, and the times are summed over the network by kind: stem (the
 convolutions before the first block), 1x1, 3x3, grouped 3x3, strided 1x1 shortcuts. The op sums leave out
 what runs between the ops (activations, residual adds, squeeze-excite, pooling to the head): the remainder of
-the forward + backward phase. Every lowering given is profiled in the same run, its phases alternated.
+the forward + backward phase. Every lowering given is profiled in the same run, one after the other (not
+alternated: compare them as a rough guide; ``--ablation`` alternates whole steps).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def test_train_benchmark_json_report(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report == json.loads(json.dumps(result))
     assert (report["model"], report["image_size"], report["batch"]) == ("nf_resnet_small", 32, 8)
-    assert report["lowering"] == "split"  # auto on CPU: the CPU lowerings
+    assert report["lowering"] == ("split" if report["backend"] == "cpu" else "native")  # auto: per backend
     assert report["nfjax_over_timm"] is None
     (row,) = report["rows"]
     assert row["impl"] == "nfjax"

@@ -98,19 +98,23 @@ def test_the_torchvision_recipe_keeps_per_gpu_bn_statistics_only_for_batches_of_
 
 def test_command_line_runs_keep_a_compilation_cache_unless_told_not_to(tmp_path):
     # In a fresh interpreter (this one's JAX already has the test session's cache folder).
+    (tmp_path / "file").write_text("")
     code = (
         "import os, jax\n"
         "from nfjax.compile_cache import configure_compilation_cache as c\n"
         "os.environ['NFJAX_XLA_CACHE'] = 'off'\n"
         "print(c(), jax.config.jax_compilation_cache_dir)\n"
+        "os.environ['NFJAX_XLA_CACHE'] = os.path.join(os.environ['HOME'], 'file', 'cache')  # under a file\n"
+        "print(c(), jax.config.jax_compilation_cache_dir)\n"
         "del os.environ['NFJAX_XLA_CACHE']\n"
-        "print(c(), jax.config.jax_persistent_cache_min_compile_time_secs)\n"
+        "print(c(), jax.config.jax_persistent_cache_min_compile_time_secs, jax.config.jax_compilation_cache_max_size)\n"
         "os.environ['NFJAX_XLA_CACHE'] = os.path.join(os.environ['HOME'], 'other')\n"
         "print(c())  # JAX has a folder now: left as it is\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION", "NFJAX_XLA"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION", "JAX_PERSISTENT", "NFJAX_XLA"))}
     env["HOME"] = str(tmp_path)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     default = str(tmp_path / ".cache" / "nfjax" / "xla")
-    assert out.splitlines() == ["None None", f"{default} 1.0", default]
+    assert result.stdout.splitlines() == ["None None", "None None", f"{default} 1.0 {4 * 2**30}", default]
     assert os.path.isdir(default)
+    assert "no compilation cache" in result.stderr and "every run compiles afresh" in result.stderr

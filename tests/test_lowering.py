@@ -57,6 +57,16 @@ def test_max_pool_gradient_goes_to_the_same_element_as_select_and_scatter(size, 
     np.testing.assert_array_equal(g_split[0], g_native[0])
 
 
+def test_max_pool_gradient_with_minus_infinity_windows_matches_select_and_scatter():
+    x = jnp.full((1, 7, 7, 2), -jnp.inf).at[0, 3:, 3:, :].set(1.0).at[0, 1, 1, 1].set(2.0)
+    for padding in ("SAME", ((1, 1), (1, 1))):
+        grads = []
+        for impl in ("native", "split"):
+            y, pullback = jax.vjp(lambda x, i=impl, p=padding: L.max_pool_3x3_s2(x, p, i), x)
+            grads.append(pullback(jnp.arange(1.0, 1.0 + y.size).reshape(y.shape))[0])
+        np.testing.assert_array_equal(grads[1], grads[0])
+
+
 def test_batch_norm_closed_form_backward_matches_autodiff():
     x = 2.0 * jax.random.normal(jax.random.key(3), (4, 6, 6, 8)) + 1.0
 
@@ -78,14 +88,24 @@ def test_batch_norm_closed_form_backward_matches_autodiff():
 
 
 def test_auto_resolves_per_backend_and_can_be_forced():
-    assert lowering.resolve_impl("auto") == "split"  # the tests run on CPU
+    on_this_backend = "split" if jax.default_backend() == "cpu" else "native"
+    assert lowering.resolve_impl("auto") == on_this_backend
     with lowering.forced_lowering("native"):
         assert lowering.resolve_impl("auto") == "native"
         assert lowering.resolve_impl("split") == "split"  # an explicit choice wins
-    assert lowering.resolve_impl("auto") == "split"
+    assert lowering.resolve_impl("auto") == on_this_backend
     with pytest.raises(ValueError, match="lowering must be"):
         with lowering.forced_lowering("fast"):
             pass
+
+
+@pytest.mark.parametrize(
+    "platforms,expected", [(("cpu",), "split"), (("cuda",), "native"), (("cpu", "tpu"), "native"), (None, None)]
+)
+def test_exports_get_the_lowering_of_their_target_platforms(platforms, expected):
+    with lowering.for_platforms(platforms):
+        resolved = lowering.resolve_impl("auto")
+    assert resolved == (expected or lowering.resolve_impl("auto"))
 
 
 @pytest.mark.parametrize("name", ["resnet_small", "nf_resnet_small"])

@@ -1,9 +1,10 @@
 """Backend-aware lowerings of the ops where XLA:CPU's generic kernels are slow.
 
-Each function here computes exactly what its plain formulation computes (outputs and gradients; tests compare
-them) but is written so XLA:CPU emits faster code. They are chosen per backend: ``impl='auto'`` resolves to
-the CPU lowerings on the CPU backend and to the native XLA ops on GPU/TPU, where cuDNN and the TPU compiler
-have fast kernels for the plain forms. Measured per op and per network in docs/performance.md.
+Each function here computes what its plain formulation computes, outputs and gradients (tests compare them; the
+max pool bit for bit, the others to float rounding, since a dot or a closed form sums in another order), but is
+written so XLA:CPU emits faster code. They are chosen per backend: ``impl='auto'`` resolves to the CPU
+lowerings on the CPU backend and to the native XLA ops on GPU/TPU, where cuDNN and the TPU compiler have fast
+kernels for the plain forms. Measured per op and per network in docs/performance.md.
 
 - Grouped convolutions: one ungrouped convolution per group, concatenated (XLA:CPU lowers
   ``feature_group_count > 1`` to a generic loop, 5-25x slower, gradients worst).
@@ -11,6 +12,11 @@ have fast kernels for the plain forms. Measured per op and per network in docs/p
   runs the convolution form at 30-80 GFLOP/s forward+backward at large spatial sizes, the dot at 100-250.
 - 3x3 stride-2 max pool: the maximum of 9 strided slices, with a gradient written as masks and strided pads.
   The plain ``reduce_window`` gradient (select-and-scatter) is 3-4x slower than PyTorch's on CPU.
+- BatchNorm in training mode (statistics over N, H, W): a closed-form backward in two passes.
+
+The max pool and BatchNorm define reverse-mode gradients (``jax.custom_vjp``): forward-mode differentiation
+(``jax.jvp``, ``jax.jacfwd``, Hessians) through them is not supported; trace such code inside
+``forced_lowering('native')``.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ _AUTO_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("nfj
 @contextlib.contextmanager
 def forced_lowering(impl: Literal["native", "split"] | None):
     """While active, ``impl='auto'`` resolves to ``impl`` (None: per backend). Applies to functions traced
-    inside the block: wrap the first call of a jitted function, which is when it is traced."""
+    inside the block: wrap the first call of a jitted function, which is when it is traced (a function jitted
+    and traced before keeps the lowering it was traced with: JAX's jit cache does not see this setting)."""
     if impl not in (None, "native", "split"):
         raise ValueError(f"lowering must be 'native' or 'split' (the CPU lowerings), got {impl!r}")
     token = _AUTO_OVERRIDE.set(impl)
@@ -44,6 +51,14 @@ def forced_lowering(impl: Literal["native", "split"] | None):
         yield
     finally:
         _AUTO_OVERRIDE.reset(token)
+
+
+def for_platforms(platforms: Sequence[str] | None):
+    """The lowering for code exported to ``platforms`` (None: this machine's backend, as 'auto' decides): the
+    CPU forms only when every target is a CPU, XLA's native ops otherwise, whatever machine traces it."""
+    if platforms is None:
+        return contextlib.nullcontext()
+    return forced_lowering("split" if all(p == "cpu" for p in platforms) else "native")
 
 
 def resolve_impl(impl: ConvImpl) -> Literal["native", "split"]:
@@ -152,6 +167,8 @@ def _max_pool_bwd(pads_h, pads_w, residuals, g):
     out_h, out_w = y.shape[1], y.shape[2]
     zero = jnp.zeros((), g.dtype)
     taken = jnp.zeros(y.shape, bool)
+    # Padded cells take part like real ones: a window whose maximum is -inf gives its gradient to its first cell,
+    # padding included, where it is dropped (select-and-scatter does the same; tests pin it).
     dxp = None
     for di, dj, view in _window_slices(xp, out_h, out_w):
         first = (view == y) & ~taken
