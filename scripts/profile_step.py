@@ -177,28 +177,39 @@ def record_ops(exp, state, batch) -> tuple[list[tuple], int]:
     return ops, marker[0]
 
 
+def undonated_train_step(exp):
+    """The train step ``nfjax.train`` runs, jitted without donating the state, so it can run repeatedly."""
+    import jax
+
+    from nfjax.losses import make_loss_fn
+    from nfjax.steps import make_train_step
+
+    step = make_train_step(exp.graphdef, exp.optimizer, make_loss_fn("softmax_xent"), seed=0, mesh=exp.mesh)
+    return jax.jit(step)
+
+
 def phase_functions(exp, state, batch) -> dict:
     """{phase: (jitted fn, args)}: forward with loss, forward + backward, optimizer, train step, eval step."""
     import jax
     import jax.numpy as jnp
 
     from nfjax.losses import make_loss_fn
-    from nfjax.steps import apply_model, make_train_step
+    from nfjax.steps import apply_model
 
     stats = state.get("batch_stats", {})
     key = jax.random.key(0)
+    xent = make_loss_fn("softmax_xent")
 
     def loss(params):
         logits, _ = apply_model(exp.graphdef, params, stats, batch["image"], train=True, key=key)
-        return jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits), batch["label"][:, None], -1))
+        return jnp.mean(xent(logits, batch["label"]))
 
     grads = jax.jit(jax.grad(loss))(state["params"])
-    step = make_train_step(exp.graphdef, exp.optimizer, make_loss_fn("softmax_xent"), seed=0, mesh=exp.mesh)
     return {
         "forward (train mode) + loss": (jax.jit(loss), (state["params"],)),
         "forward + backward": (jax.jit(jax.value_and_grad(loss)), (state["params"],)),
         "optimizer (AGC, decay, SGD-Nesterov)": (jax.jit(exp.optimizer.apply), (state, grads)),
-        "whole train step": (jax.jit(step), (state, batch)),  # not donated, so it can run repeatedly
+        "whole train step": (undonated_train_step(exp), (state, batch)),
         "eval step (inference forward)": (exp.eval_step, (state["params"], stats, batch)),
     }
 
@@ -223,11 +234,9 @@ def only_lowerings(kinds: set[str]):
     """Forces the CPU lowerings, then puts XLA's own op back for every kind not in ``kinds`` (of 'grouped',
     'pointwise', 'max_pool', 'batch_norm'), so one lowering's effect on the whole step can be measured."""
     import jax
-    import numpy as np
 
     from nfjax.models import layers, lowering
 
-    dn = ("NHWC", "HWIO", "NHWC")
     saved = dict(
         conv2d=layers.conv2d,
         pointwise=lowering.pointwise_conv,
@@ -240,19 +249,15 @@ def only_lowerings(kinds: set[str]):
         return saved["conv2d"](x, kernel, strides, padding, groups, "native" if native else impl)
 
     def pointwise(x, kernel, strides=(1, 1)):
-        return jax.lax.conv_general_dilated(x, kernel, tuple(strides), "VALID", dimension_numbers=dn)
+        return lowering.conv2d(x, kernel, strides, "VALID", impl="native")
 
     def pool(x, pads_h, pads_w):
-        init = np.array(-np.inf, x.dtype)
-        return jax.lax.reduce_window(x, init, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), pads_h, pads_w, (0, 0)))
+        return lowering.max_pool_3x3_s2(x, (pads_h, pads_w), impl="native")
 
-    def batch_norm(x, scale, bias, eps):
-        mean, var = lowering._batch_norm_stats(x)
-        return (
-            (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias,
-            jax.lax.stop_gradient(mean),
-            jax.lax.stop_gradient(var),
-        )
+    def batch_norm(x, scale, bias, eps):  # the plain form, differentiated by JAX
+        mean, var = lowering.batch_norm_stats(x)
+        y = (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+        return y, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
 
     layers.conv2d = conv2d
     if "pointwise" not in kinds:
@@ -284,15 +289,12 @@ def ablation(args) -> None:
     import jax
 
     from nfjax.benchmark_train import build_benchmark_experiment
-    from nfjax.losses import make_loss_fn
-    from nfjax.steps import make_train_step
 
     exp, state, batch = build_benchmark_experiment(args.model, args.image_size, args.batch)
     compiled, times = {}, collections.defaultdict(list)
     for name in args.ablation:
         with only_lowerings(ABLATIONS[name]):
-            step = make_train_step(exp.graphdef, exp.optimizer, make_loss_fn("softmax_xent"), seed=0, mesh=exp.mesh)
-            compiled[name] = jax.jit(step).lower(state, batch).compile()
+            compiled[name] = undonated_train_step(exp).lower(state, batch).compile()
         jax.block_until_ready(compiled[name](state, batch))
         print(f"  compiled: {name}", file=sys.stderr, flush=True)
     for _ in range(args.repeats):

@@ -209,7 +209,9 @@ def max_pool_3x3_s2(x: jax.Array, padding: Padding = "SAME", impl: ConvImpl = "a
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _batch_norm_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def batch_norm_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [..., C] -> (mean [C], biased variance [C]) over every axis but the last (two passes: the variance is
+    the mean squared deviation from the mean, not E[x^2] - E[x]^2)."""
     axes = tuple(range(x.ndim - 1))
     mean = jnp.mean(x, axis=axes)
     return mean, jnp.mean(jnp.square(x - mean), axis=axes)
@@ -226,7 +228,7 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float
 
 
 def _batch_norm_forward(x, scale, bias, eps):
-    mean, var = _batch_norm_stats(x)
+    mean, var = batch_norm_stats(x)
     rstd = jax.lax.rsqrt(var + eps)
     y = (x - mean) * rstd * scale + bias
     return (y, mean, var), (x, mean, rstd, scale)
