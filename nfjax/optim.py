@@ -47,7 +47,6 @@ from nfjax.clipping import (
     unitwise_norm,
 )
 from nfjax.optim_grads import accumulated_grads, sam_grads, sam_perturbations
-from nfjax.parallel import batch_axes
 from nfjax.plateau import Plateau
 from nfjax.schedules import (
     COSINE_SCHEDULES,
@@ -390,10 +389,7 @@ class Optimizer:
         per-device ascent runs over every axis of ``mesh`` (each device, holding its own slice of the batch)."""
         c = self.config
         if c.sam_rho > 0:
-            axis = batch_axes(mesh)
-            return sam_grads(
-                grad_fn, params, batch, rho=c.sam_rho, fraction=c.sam_fraction, mesh=mesh, rng=rng, axis=axis
-            )
+            return sam_grads(grad_fn, params, batch, rho=c.sam_rho, fraction=c.sam_fraction, mesh=mesh, rng=rng)
         return accumulated_grads(grad_fn, params, batch, c.accum_steps, rng=rng)
 
     def apply(self, state: dict[str, Any], grads: Any) -> tuple[dict[str, Any], dict[str, jax.Array]]:

@@ -17,6 +17,8 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from nfjax.parallel import batch_axes
+
 GradFn = Callable[..., tuple[Any, Any]]
 
 
@@ -123,7 +125,7 @@ def sam_grads(
     fraction: float,
     mesh: Mesh,
     rng: jax.Array | None = None,
-    axis: str | tuple[str, ...] = "data",
+    axis: str | tuple[str, ...] | None = None,
 ) -> tuple[Any, Any]:
     """SAM as in the NFNet paper; call inside ``jax.jit``. Returns the synchronized ``(value, grads)``.
 
@@ -138,6 +140,7 @@ def sam_grads(
     sharded, as under FSDP), ``batch`` is sharded along ``axis``, a mesh axis or a tuple of them (``('data',
     'fsdp')``: every device of a 2-D mesh is one ``d``). Costs about ``1 + fraction`` forward/backward passes.
     """
+    axis = batch_axes(mesh) if axis is None else axis  # default: every mesh axis, each device its own slice
     params = _place(params, mesh, P())
     batch = _place(batch, mesh, P(axis))
 
@@ -159,9 +162,10 @@ def sam_perturbations(
     fraction: float,
     mesh: Mesh,
     rng: jax.Array | None = None,
-    axis: str | tuple[str, ...] = "data",
+    axis: str | tuple[str, ...] | None = None,
 ) -> Any:
     """Every device's ascent perturbation ``e_d`` stacked on a leading axis (diagnostics and tests)."""
+    axis = batch_axes(mesh) if axis is None else axis  # default: every mesh axis, each device its own slice
     params = _place(params, mesh, P())
     batch = _place(batch, mesh, P(axis))
 

@@ -54,9 +54,9 @@ class ArrayCacheError(ValueError):
     """An array cache entry exists but cannot be used; the message names it and how to rewrite it."""
 
 
-def worth_caching(num_examples: int, image_shape: tuple) -> bool:
-    """True for splits of fixed-size images that take at most MAX_CACHE_BYTES as uint8."""
-    return None not in image_shape and num_examples * math.prod(image_shape) <= MAX_CACHE_BYTES
+def worth_caching(num_examples: int, image_shape: tuple, limit: int = MAX_CACHE_BYTES) -> bool:
+    """True for splits of fixed-size images that take at most ``limit`` bytes as uint8."""
+    return None not in image_shape and num_examples * math.prod(image_shape) <= limit
 
 
 def version_folder(name: str, data_dir: str) -> Path | None:

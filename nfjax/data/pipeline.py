@@ -10,7 +10,6 @@ The NumPy path (train and eval) imports no TensorFlow: with a TFDS split in the 
 from __future__ import annotations
 
 import dataclasses
-import math
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -18,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from nfjax.data import numpy_backend, sharding, tfdata_backend
+from nfjax.data import array_cache, numpy_backend, sharding, tfdata_backend
 from nfjax.data.config import check_data_config, mean_std
 from nfjax.data.folds import eval_source, train_source
 from nfjax.data.mix import mix_batch, mix_rng, needs_label_probs, randaugment_after_mix
@@ -99,9 +98,7 @@ def fits_in_memory(cfg, info: SourceInfo) -> bool:
         return bool(cfg.cache_in_memory)
     if cfg.dataset == SYNTHETIC:
         return True  # generated in memory, whatever its size
-    if None in info.image_shape:
-        return False
-    return info.num_examples * math.prod(info.image_shape) <= cfg.max_in_memory_bytes
+    return array_cache.worth_caching(info.num_examples, info.image_shape, cfg.max_in_memory_bytes)
 
 
 def numpy_unsupported(cfg, info: SourceInfo, train: bool) -> list[str]:

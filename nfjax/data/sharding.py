@@ -142,6 +142,8 @@ def to_global_batch(batch: dict, mesh, data_axis: str | tuple | None = None) -> 
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    data_axis = tuple(mesh.axis_names) if data_axis is None else data_axis
+    from nfjax.parallel import batch_axes
+
+    data_axis = batch_axes(mesh) if data_axis is None else data_axis
     sharding = NamedSharding(mesh, PartitionSpec(data_axis))
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
