@@ -129,15 +129,20 @@ def test_kill_9_mid_run_or_mid_save_then_rerun_is_bit_identical(reference, fmnis
 
 
 def damage(workdir, step, how):
+    """Flips 64 bytes in (or deletes) every data file of the step's weights. Orbax may leave data files in more
+    than one ``d`` folder (per process and merged) and reads only some of them, so damaging only the largest
+    one sometimes hit a file the restore never reads."""
     folder = Path(workdir) / "checkpoints" / str(step) / "weights"
-    target = max((p for p in folder.rglob("*") if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
-    if how == "flip":
-        data = bytearray(target.read_bytes())
-        for i in range(len(data) // 3, len(data) // 3 + 64):
-            data[i] ^= 0xFF
-        target.write_bytes(bytes(data))
-    else:
-        target.unlink()
+    targets = [p for p in folder.rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert targets, f"no data files under {folder}"
+    for target in targets:
+        if how == "flip":
+            data = bytearray(target.read_bytes())
+            for i in range(len(data) // 3, min(len(data) // 3 + 64, len(data))):
+                data[i] ^= 0xFF
+            target.write_bytes(bytes(data))
+        else:
+            target.unlink()
 
 
 @pytest.mark.parametrize("how", ["flip", "delete"])
