@@ -35,7 +35,7 @@ from nfjax.checkpoint import Checkpointer, abstract_like, check_compatible
 from nfjax.class_weights import ClassWeights, make_class_weights, parse_class_weights
 from nfjax.eval_metrics import COUNT_KEYS, add_roc_auc, check_roc_auc_size, classification_report, roc_auc_report
 from nfjax.losses import BCE_REDUCTIONS, LOSSES, make_loss_fn
-from nfjax.models import create_model, model_metadata
+from nfjax.models import create_model, lowering, model_metadata
 from nfjax.steps import make_eval_step, make_train_step
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
@@ -307,7 +307,10 @@ class Experiment:
         )
         shardings, batch = self.state_spec.shardings, parallel.batch_sharding(self.mesh)
         out = (shardings, parallel.replicated(self.mesh))  # the state stays in its layout: donation reuses it
-        return jax.jit(step, in_shardings=(shardings, batch), out_shardings=out, donate_argnums=0)
+        options = lowering.compiler_options()
+        return jax.jit(
+            step, in_shardings=(shardings, batch), out_shardings=out, donate_argnums=0, compiler_options=options
+        )
 
     @functools.cached_property
     def eval_step(self) -> Callable[[dict, dict, dict], dict]:
@@ -325,7 +328,8 @@ class Experiment:
         if (tta, with_probs) not in self._eval_steps:
             step = make_eval_step(self.graphdef, make_loss_fn("softmax_xent"), tta, with_probs)
             shardings = parallel.replicated(self.mesh) if with_probs else None
-            self._eval_steps[tta, with_probs] = jax.jit(step, out_shardings=shardings)
+            options = lowering.compiler_options()
+            self._eval_steps[tta, with_probs] = jax.jit(step, out_shardings=shardings, compiler_options=options)
         return self._eval_steps[tta, with_probs]
 
     def evaluate_split(

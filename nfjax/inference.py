@@ -24,6 +24,7 @@ from nfjax.data.pipeline import batch_image_shape
 from nfjax.data.sources import IMAGE_EXTENSIONS, make_source
 from nfjax.data.tf_lazy import import_tf
 from nfjax.experiment import Experiment, load_config, load_run
+from nfjax.models import lowering
 from nfjax.steps import apply_model, mean_view_log_probs, with_flips
 
 TTA_MODES = ("none", "flip", "crops5", "flip+crops5")
@@ -196,7 +197,7 @@ def make_probs_fn(model: InferenceModel, tta: str = "none") -> Callable[[dict, d
         views = with_flips(views) if tta.startswith("flip") else views
         return jnp.exp(mean_view_log_probs(logits_fn, views))
 
-    return jax.jit(probs)
+    return jax.jit(probs, compiler_options=lowering.compiler_options())
 
 
 @dataclasses.dataclass

@@ -177,15 +177,17 @@ def record_ops(exp, state, batch) -> tuple[list[tuple], int]:
     return ops, marker[0]
 
 
-def undonated_train_step(exp):
-    """The train step ``nfjax.train`` runs, jitted without donating the state, so it can run repeatedly."""
+def undonated_train_step(exp, eigen_convs: bool = True):
+    """The train step ``nfjax.train`` runs, jitted without donating the state, so it can run repeatedly. With
+    ``eigen_convs`` it gets the compiler options the trainer's step gets (:func:`lowering.compiler_options`)."""
     import jax
 
     from nfjax.losses import make_loss_fn
+    from nfjax.models import lowering
     from nfjax.steps import make_train_step
 
     step = make_train_step(exp.graphdef, exp.optimizer, make_loss_fn("softmax_xent"), seed=0, mesh=exp.mesh)
-    return jax.jit(step)
+    return jax.jit(step, compiler_options=lowering.compiler_options() if eigen_convs else None)
 
 
 def phase_functions(exp, state, batch) -> dict:
@@ -232,7 +234,8 @@ def profile(args, lowering: str) -> dict:
 @contextlib.contextmanager
 def only_lowerings(kinds: set[str]):
     """Forces the CPU lowerings, then puts XLA's own op back for every kind not in ``kinds`` (of 'grouped',
-    'pointwise', 'max_pool', 'batch_norm'), so one lowering's effect on the whole step can be measured."""
+    'pointwise', 'max_pool', 'batch_norm'), so one lowering's effect on the whole step can be measured. The
+    kind 'eigen_convs' (XLA's Eigen convolutions instead of YNNPACK) is a compiler option: see :func:`ablation`."""
     import jax
 
     from nfjax.models import layers, lowering
@@ -280,7 +283,8 @@ ABLATIONS = {
     "+ 1x1 as dots": {"pointwise"},
     "+ max-pool gradient": {"max_pool"},
     "+ BatchNorm backward": {"batch_norm"},
-    "all CPU lowerings": {"grouped", "pointwise", "max_pool", "batch_norm"},
+    "+ Eigen convolutions": {"eigen_convs"},
+    "all CPU lowerings": {"grouped", "pointwise", "max_pool", "batch_norm", "eigen_convs"},
 }
 
 
@@ -294,7 +298,8 @@ def ablation(args) -> None:
     compiled, times = {}, collections.defaultdict(list)
     for name in args.ablation:
         with only_lowerings(ABLATIONS[name]):
-            compiled[name] = undonated_train_step(exp).lower(state, batch).compile()
+            step = undonated_train_step(exp, eigen_convs="eigen_convs" in ABLATIONS[name])
+            compiled[name] = step.lower(state, batch).compile()
         jax.block_until_ready(compiled[name](state, batch))
         print(f"  compiled: {name}", file=sys.stderr, flush=True)
     for _ in range(args.repeats):

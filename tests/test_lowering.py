@@ -148,3 +148,47 @@ def test_the_profiler_records_every_op_of_the_forward_and_restores_the_layers():
     assert sum(op[0] == "batch_norm" for op in ops) == len(convs)  # one BN per convolution
     assert profile.conv_kind(convs[0], first_block, 0) == "stem convs"
     assert {profile.conv_kind(op, first_block, i) for i, op in enumerate(convs)} >= {"1x1 convs", "3x3 convs"}
+
+
+def _ynn_convolutions(hlo: str) -> int:
+    """How many YNNPACK fusions of a compiled module's text are one convolution (their computation's root)."""
+    called = set()
+    for line in hlo.splitlines():
+        if '"__ynn_fusion"' in line and "calls=" in line:
+            called.add(line.split("calls=")[1].split(",")[0].strip())
+    count, current = 0, None
+    for line in hlo.splitlines():
+        if line and not line.startswith(" "):  # a computation's header: "%name (params) -> shape {"
+            current = line.split()[0]
+        elif current in called and line.lstrip().startswith("ROOT") and " convolution(" in line:
+            count += 1
+    return count
+
+
+def test_cpu_steps_compile_convolutions_to_eigen_with_the_same_values():
+    if jax.default_backend() != "cpu":
+        pytest.skip("the compiler options are for the CPU backend")
+    options = lowering.compiler_options()
+    with lowering.forced_lowering("native"):
+        assert lowering.compiler_options() is None  # 'native' keeps every XLA default
+    assert lowering.compiler_options("native") is None
+    if options is None:
+        pytest.skip("this jaxlib does not take the YNNPACK fusion option")
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 32))  # large enough for YNNPACK to take by default
+    w = jax.random.normal(jax.random.key(1), (3, 3, 32, 32)) * 0.1
+    fn = lambda x, w: jax.grad(lambda x, w: jnp.sum(jnp.sin(lowering.conv2d(x, w))), argnums=(0, 1))(x, w)
+    default, eigen = jax.jit(fn), jax.jit(fn, compiler_options=options)
+    assert _ynn_convolutions(eigen.lower(x, w).compile().as_text()) == 0
+    chex.assert_trees_all_close(eigen(x, w), default(x, w), rtol=1e-4, atol=1e-4)
+
+
+def test_the_experiment_steps_get_the_cpu_compiler_options():
+    if jax.default_backend() != "cpu" or lowering.compiler_options() is None:
+        pytest.skip("no CPU compiler options on this backend or jaxlib")
+    from nfjax.benchmark_train import build_benchmark_experiment
+
+    exp, state, batch = build_benchmark_experiment("resnet_small", 16, 8)
+    hlo = exp.eval_step.lower(state["params"], state["batch_stats"], batch).compile().as_text()
+    assert "convolution(" in hlo and _ynn_convolutions(hlo) == 0
+    hlo = exp.train_step().lower(state, batch).compile().as_text()
+    assert "convolution(" in hlo and _ynn_convolutions(hlo) == 0
