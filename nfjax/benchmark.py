@@ -138,12 +138,6 @@ def plain_tfdata_batches(files: Sequence[str], batch_size: int, image_size: int)
     return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 
-def _close(iterator) -> None:
-    """Stops a pipeline so that its threads (and worker processes) do not compete with the next measurement."""
-    if hasattr(iterator, "close"):
-        iterator.close()
-
-
 def _grain_builders(args: argparse.Namespace, cfg, source) -> dict:
     """The grain pipelines of ``--grain-workers``, each checked once for exact resume (reported on stdout)."""
     from nfjax.benchmark_grain import GrainSpec, check_resume, grain_builders
@@ -156,6 +150,21 @@ def _grain_builders(args: argparse.Namespace, cfg, source) -> dict:
         verdict = "exact" if check_resume(build) else "DIFFERENT BATCHES"
         print(f"{name}: resume from get_state() after 3 batches, next 3 batches: {verdict}", flush=True)
     return builders
+
+
+def _check_data_args(args: argparse.Namespace) -> None:
+    """Exits with one line naming the flag when the sizes cannot give a measurement."""
+    for flag in ("batch", "steps", "rounds", "image_size", "num_images"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')}={getattr(args, flag)} is invalid: it must be at least 1")
+    if args.warmup < 0:
+        raise SystemExit(f"--warmup={args.warmup} is invalid: it must be 0 or more")
+    if args.dataset == "synthetic_jpeg" and args.num_images < args.batch:
+        raise SystemExit(
+            f"--num-images={args.num_images} is smaller than --batch={args.batch}: the generated folder must hold at "
+            f"least one batch; use --num-images {args.batch} or more (or a smaller --batch)"
+        )
+    _check_grain_args(args)
 
 
 def _check_grain_args(args: argparse.Namespace) -> None:
@@ -180,9 +189,10 @@ def benchmark_data(args: argparse.Namespace) -> dict:
     closed after its measurement; the report takes the median round.
     """
     from nfjax.data import build_train_iterator
+    from nfjax.data.pipeline import close_pipeline
     from nfjax.data.sources import ImageFolderSource
 
-    _check_grain_args(args)
+    _check_data_args(args)
     with tempfile.TemporaryDirectory() as tmp:
         dataset, data_dir = args.dataset, args.data_dir
         if dataset == "synthetic_jpeg":
@@ -208,7 +218,7 @@ def benchmark_data(args: argparse.Namespace) -> dict:
                 iterator = build()
                 label = f"{name} round {round_index + 1}/{args.rounds}"
                 result[name].append(measure(iterator, args.batch, args.steps, args.warmup, label))
-                _close(iterator)
+                close_pipeline(iterator)  # its threads and workers must not compete with the next one
                 del iterator
                 gc.collect()  # frees what a closed pipeline still holds (grain: nested iterators, shared memory)
     _report(result, args)

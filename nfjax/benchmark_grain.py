@@ -31,6 +31,7 @@ from nfjax.data.augment import (
     RRC_MAX_ATTEMPTS,
     RRC_MIN_OBJECT_COVERED,
 )
+from nfjax.data.pipeline import close_pipeline
 
 GRAIN_INSTALL_HINT = "grain is not installed: pip install grain  (or pip install 'nfjax[grain]')"
 
@@ -164,19 +165,14 @@ def check_resume(build: Callable[[], Iterator[dict]], skip: int = 3, compare: in
         next(first)
     state = first.get_state()
     expected = [next(first) for _ in range(compare)]
-    _close(first)
+    close_pipeline(first)
     restored = build()
     restored.set_state(state)
     actual = [next(restored) for _ in range(compare)]
-    _close(restored)
+    close_pipeline(restored)
     return all(
         np.array_equal(a[key], e[key]) for a, e in zip(actual, expected, strict=True) for key in ("image", "label")
     )
-
-
-def _close(iterator) -> None:
-    if hasattr(iterator, "close"):
-        iterator.close()
 
 
 def grain_builders(spec: GrainSpec, workers: Sequence[int]) -> dict[str, Callable[[], Iterator[dict]]]:

@@ -157,3 +157,18 @@ def test_bad_rounds_is_one_line(capsys):
         main(["train", "--model", "nf_resnet_small", "--rounds", "0"])
     assert exit_info.value.code == 2
     assert "--rounds must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--num-images", "8", "--batch", "16"], "--num-images=8 is smaller than --batch=16"),
+        (["--batch", "0"], "--batch=0 is invalid"),
+        (["--warmup", "-1"], "--warmup=-1 is invalid"),
+    ],
+)
+def test_data_benchmark_sizes_that_cannot_run_are_one_line(monkeypatch, flags, message):
+    monkeypatch.setattr(benchmark, "make_synthetic_jpegs", lambda *a, **k: pytest.fail("files were written"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", *flags])
+    assert message in exit_info.value.code and "\n" not in exit_info.value.code

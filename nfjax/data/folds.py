@@ -56,6 +56,8 @@ def stratified_folds(keys, labels: np.ndarray, num_folds: int, class_names=()) -
 
 @functools.lru_cache(maxsize=8)
 def _folder_folds(keys: tuple[str, ...], labels: bytes, num_folds: int, class_names: tuple) -> np.ndarray:
+    """The folds of examples held in memory (an image folder's files, synthetic data): computed once per process
+    for the same keys, int32 labels (as bytes, so the call is hashable), K and class names."""
     return stratified_folds(keys, np.frombuffer(labels, np.int32), num_folds, class_names)
 
 
@@ -93,9 +95,9 @@ def fold_ids(source, cfg) -> np.ndarray:
         labels = np.asarray(source.labels, np.int32).tobytes()
         return _folder_folds(keys, labels, cfg.num_folds, tuple(source.class_names))
     if isinstance(source, SyntheticSource):
-        labels = source.load_arrays()[1]
-        keys = [f"{source.name}/{source.split}/{i}" for i in range(len(labels))]
-        return stratified_folds(keys, labels, cfg.num_folds, source.info().class_names)
+        labels = np.asarray(source.load_arrays()[1], np.int32)
+        keys = tuple(f"{source.name}/{source.split}/{i}" for i in range(len(labels)))
+        return _folder_folds(keys, labels.tobytes(), cfg.num_folds, tuple(source.info().class_names))
     return _tfds_folds(source.name, source.split, source.data_dir, cfg.num_folds)
 
 

@@ -294,6 +294,13 @@ def build_eval_iterator(
     return _deliver(batches, cfg.prefetch, mesh)
 
 
+def close_pipeline(iterator) -> None:
+    """Stops a pipeline that can be stopped (its threads or worker processes), so that nothing of it keeps
+    running once its user is done with it; iterators without ``close`` are left to the garbage collector."""
+    if hasattr(iterator, "close"):
+        iterator.close()
+
+
 def _deliver(batches: Iterator[dict], prefetch: int, mesh) -> Iterator[dict]:
     convert = None if mesh is None else (lambda batch: sharding.to_global_batch(batch, mesh))
     if prefetch <= 0:
