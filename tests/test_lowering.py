@@ -172,6 +172,9 @@ def test_cpu_steps_compile_convolutions_to_eigen_with_the_same_values():
     with lowering.forced_lowering("native"):
         assert lowering.compiler_options() is None  # 'native' keeps every XLA default
     assert lowering.compiler_options("native") is None
+    with pytest.MonkeyPatch.context() as patch:  # the user's own choice in XLA_FLAGS wins
+        patch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
+        assert lowering.compiler_options() is None
     if options is None:
         pytest.skip("this jaxlib does not take the YNNPACK fusion option")
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 32))  # large enough for YNNPACK to take by default

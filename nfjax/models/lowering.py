@@ -15,7 +15,7 @@ kernels for the plain forms. Measured per op and per network in docs/performance
 - BatchNorm in training mode (statistics over N, H, W): a closed-form backward in two passes.
 - The convolutions that remain (3x3, 7x7 stem, the per-group pieces) go to XLA's Eigen kernels instead of
   YNNPACK, to which this jaxlib hands them by default: :func:`compiler_options`, given to the jitted train, eval
-  and predict steps. Whole steps 1.02-1.11x.
+  and predict steps. Whole train steps 1.00-1.08x, eval steps 1.02-1.11x.
 
 The max pool and BatchNorm define reverse-mode gradients (``jax.custom_vjp``): forward-mode differentiation
 (``jax.jvp``, ``jax.jacfwd``, Hessians) through them is not supported; trace such code inside
@@ -28,6 +28,7 @@ import contextlib
 import contextvars
 import functools
 import math
+import os
 from collections.abc import Sequence
 from typing import Literal
 
@@ -78,7 +79,7 @@ def resolve_impl(impl: ConvImpl) -> Literal["native", "split"]:
 
 # XLA:CPU's YNNPACK fusions by default (jaxlib 0.10): reductions, single dots and single convolutions. Without
 # the convolutions, XLA runs them with its Eigen kernels: 1.0-1.8x faster per convolution on 2 cores (forward,
-# input and weight gradients), 1.03-1.08x per train step, 1.02-1.11x per eval step (docs/performance.md).
+# input and weight gradients), 1.00-1.08x per train step, 1.02-1.11x per eval step (docs/performance.md).
 _YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 _YNN_WITHOUT_CONVOLUTIONS = "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
 
@@ -97,7 +98,10 @@ def compiler_options(impl: ConvImpl = "auto") -> dict[str, str] | None:
     """XLA compiler options for a jitted step that uses ``impl``: on the CPU backend with the CPU lowerings
     (``impl`` resolving to 'split'), convolutions go to XLA's Eigen kernels rather than YNNPACK; None (XLA's
     defaults) otherwise, and with 'native', so that 'native' stays XLA's own choice in every respect. Resolved
-    when called: pass it to ``jax.jit`` inside the same :func:`forced_lowering` block as the first call."""
+    when called: pass it to ``jax.jit`` inside the same :func:`forced_lowering` block as the first call. A choice of
+    the user's in ``XLA_FLAGS`` (``--xla_cpu_experimental_ynn_fusion_type=...``) wins: None then too."""
+    if _YNN_OPTION in os.environ.get("XLA_FLAGS", ""):
+        return None
     if resolve_impl(impl) != "split" or jax.default_backend() != "cpu" or not _ynn_option_supported():
         return None
     return {_YNN_OPTION: _YNN_WITHOUT_CONVOLUTIONS}
