@@ -43,11 +43,11 @@ def timed(fn, *args, repeats: int) -> float:
 @contextlib.contextmanager
 def recording():
     """Patches the layer functions the models call so one trace records every op and its shapes."""
-    from nfjax.models import layers
+    from nfjax.models import batchnorm, layers
 
     ops: list[tuple] = []
     saved = {name: getattr(layers, name) for name in ("conv2d", "max_pool_3x3_s2", "standardize_kernel")}
-    saved_bn = layers.BatchNorm.__call__
+    saved_bn = batchnorm.BatchNorm.__call__
 
     def conv2d(x, kernel, strides=(1, 1), padding="SAME", groups=1, impl="auto"):
         padding = padding if isinstance(padding, str) else tuple(tuple(p) for p in padding)
@@ -68,13 +68,13 @@ def recording():
         return saved_bn(self, x, train)
 
     layers.conv2d, layers.max_pool_3x3_s2, layers.standardize_kernel = conv2d, max_pool, standardize
-    layers.BatchNorm.__call__ = batch_norm
+    batchnorm.BatchNorm.__call__ = batch_norm
     try:
         yield ops
     finally:
         for name, fn in saved.items():
             setattr(layers, name, fn)
-        layers.BatchNorm.__call__ = saved_bn
+        batchnorm.BatchNorm.__call__ = saved_bn
 
 
 def conv_kind(op: tuple, first_block_conv: int, index: int) -> str:
@@ -94,7 +94,7 @@ def op_functions(op: tuple):
     import jax.numpy as jnp
     from flax import nnx
 
-    from nfjax.models import layers
+    from nfjax.models import batchnorm, layers
 
     key = jax.random.key(0)
     kind = op[0]
@@ -108,7 +108,7 @@ def op_functions(op: tuple):
         fwd = lambda x: layers.max_pool_3x3_s2(x, op[2])
         argnums = (0,)
     elif kind == "batch_norm":
-        bn = layers.BatchNorm(op[1][-1], ghost_batch_size=op[2])
+        bn = batchnorm.BatchNorm(op[1][-1], ghost_batch_size=op[2])
         graphdef, state = nnx.split(bn)
         args = (jax.random.normal(key, op[1]), state)
         fwd = lambda x, s: nnx.merge(graphdef, s)(x, train=True)
@@ -157,23 +157,23 @@ def record_ops(exp, state, batch) -> tuple[list[tuple], int]:
     residual block (the ones before it are the stem's)."""
     import jax
 
-    from nfjax.models import layers
+    from nfjax.models import network
     from nfjax.steps import apply_model
 
-    saved_blocks = layers.blocks_and_head
+    saved_blocks = network.blocks_and_head
     marker: list[int] = []
 
     def blocks_and_head(model, x, **kwargs):
         marker.append(sum(op[0] == "conv" for op in ops))
         return saved_blocks(model, x, **kwargs)
 
-    layers.blocks_and_head = blocks_and_head
+    network.blocks_and_head = blocks_and_head
     try:
         with recording() as ops:
             forward = lambda p, s, x: apply_model(exp.graphdef, p, s, x, train=True, key=jax.random.key(0))
             jax.eval_shape(forward, state["params"], state.get("batch_stats", {}), batch["image"])
     finally:
-        layers.blocks_and_head = saved_blocks
+        network.blocks_and_head = saved_blocks
     return ops, marker[0]
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from nfjax.models import batchnorm, network
 from nfjax.models import layers as L
 
 
@@ -185,11 +186,11 @@ def test_stochastic_depth_masks_whole_examples_independently():
 
 def test_block_betas_match_reference_f0_schedule():
     expected = [1, 0.9806, 0.9806, 0.9623, 0.9806, 0.9623, 0.9449, 0.9285, 0.9129, 0.898, 0.9806, 0.9623]
-    np.testing.assert_allclose(L.block_betas((1, 2, 6, 3), 0.2), expected, atol=1e-4)
+    np.testing.assert_allclose(network.block_betas((1, 2, 6, 3), 0.2), expected, atol=1e-4)
 
 
 def test_batchnorm_normalizes_and_tracks_running_statistics():
-    bn = L.BatchNorm(3, momentum=0.1)
+    bn = batchnorm.BatchNorm(3, momentum=0.1)
     x = jax.random.normal(jax.random.key(6), (64, 4, 4, 3)) * 2.0 + 5.0
     y = bn(x, train=True)
     np.testing.assert_allclose(np.asarray(y).mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
@@ -201,17 +202,17 @@ def test_batchnorm_normalizes_and_tracks_running_statistics():
 
 
 def test_ghost_batchnorm_normalizes_each_group_separately():
-    bn = L.BatchNorm(2, ghost_batch_size=4)
+    bn = batchnorm.BatchNorm(2, ghost_batch_size=4)
     x = jnp.concatenate([jnp.zeros((4, 2, 2, 2)), 10 + jnp.zeros((4, 2, 2, 2))]) + jax.random.normal(
         jax.random.key(7), (8, 2, 2, 2)
     )
     y = np.asarray(bn(x, train=True))
     for group in (y[:4], y[4:]):
         np.testing.assert_allclose(group.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
-    whole = np.asarray(L.BatchNorm(2)(x, train=True))
+    whole = np.asarray(batchnorm.BatchNorm(2)(x, train=True))
     assert np.abs(whole[:4].mean()) > 0.5  # global statistics mix the two groups
     with pytest.raises(ValueError, match="ghost_batch_size"):
-        L.BatchNorm(2, ghost_batch_size=3)(x, train=True)
+        batchnorm.BatchNorm(2, ghost_batch_size=3)(x, train=True)
 
 
 @pytest.mark.parametrize("pool", [L.avg_pool_2x2, L.max_pool_3x3_s2])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nfjax.models import create_model, lowering
+from nfjax.models import batchnorm, create_model, lowering
 from nfjax.models import layers as L
 from nfjax.steps import apply_model
 
@@ -71,7 +71,7 @@ def test_batch_norm_closed_form_backward_matches_autodiff():
     x = 2.0 * jax.random.normal(jax.random.key(3), (4, 6, 6, 8)) + 1.0
 
     def run(impl):
-        bn = L.BatchNorm(8)
+        bn = batchnorm.BatchNorm(8)
         bn.scale[...] = jnp.linspace(0.5, 1.5, 8)
         bn.bias[...] = jnp.linspace(-1.0, 1.0, 8)
         graphdef, state = nnx.split(bn)
@@ -136,11 +136,11 @@ def test_the_profiler_records_every_op_of_the_forward_and_restores_the_layers():
 
     profile = load_script("profile_step")
     exp, state, batch = build_benchmark_experiment("resnet_small", 16, 8)
-    before = (L.conv2d, lowering.pointwise_conv, lowering.batch_norm_train, L.BatchNorm.__call__)
+    before = (L.conv2d, lowering.pointwise_conv, lowering.batch_norm_train, batchnorm.BatchNorm.__call__)
     ops, first_block = profile.record_ops(exp, state, batch)
     with profile.only_lowerings({"max_pool"}):
         assert lowering.pointwise_conv is not before[1] and lowering.batch_norm_train is not before[2]
-    assert (L.conv2d, lowering.pointwise_conv, lowering.batch_norm_train, L.BatchNorm.__call__) == before
+    assert (L.conv2d, lowering.pointwise_conv, lowering.batch_norm_train, batchnorm.BatchNorm.__call__) == before
     convs = [op for op in ops if op[0] == "conv"]
     kinds = {op[0] for op in ops}
     assert kinds == {"conv", "batch_norm"}  # the small-image BN ResNet: no max pool, no weight standardization

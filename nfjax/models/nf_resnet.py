@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nfjax.models import layers as L
+from nfjax.models import network
 
 NF_RESNET_DEPTHS = {
     26: (2, 2, 2, 2),
@@ -93,7 +94,7 @@ class NFResBlock(nnx.Module):
         out = self.conv1(self.act(out))
         if self.conv2 is not None:
             out = self.conv2(self.act(out))
-        return L.nf_merge_residual(self, out, shortcut, train=train, key=key, stats=stats)
+        return network.nf_merge_residual(self, out, shortcut, train=train, key=key, stats=stats)
 
 
 class NFResNet(nnx.Module):
@@ -149,7 +150,7 @@ class NFResNet(nnx.Module):
             self.stem_conv = conv(in_channels, stem_width, 7, strides=2, rngs=rngs)
         else:
             self.stem_conv = conv(in_channels, stem_width, 3, strides=1, rngs=rngs)
-        betas = L.block_betas(depths, alpha)
+        betas = network.block_betas(depths, alpha)
         num_blocks = sum(depths)
         blocks = [
             NFResBlock(
@@ -173,7 +174,7 @@ class NFResNet(nnx.Module):
                 dtype=dtype,
                 rngs=rngs,
             )
-            for i, cin, cout, stride in L.stage_plan(widths, depths, strides, stem_width)
+            for i, cin, cout, stride in network.stage_plan(widths, depths, strides, stem_width)
         ]
         ch = widths[-1]
         self.blocks = nnx.List(blocks)
@@ -187,4 +188,4 @@ class NFResNet(nnx.Module):
         x = self.stem_conv(x)
         if self.stem_kind == "imagenet":
             x = L.max_pool_3x3_s2(x, self.pool_padding)
-        return L.blocks_and_head(self, x, train=train, key=key, return_stats=return_stats, pre_pool=self.act)
+        return network.blocks_and_head(self, x, train=train, key=key, return_stats=return_stats, pre_pool=self.act)

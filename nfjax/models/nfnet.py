@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nfjax.models import layers as L
+from nfjax.models import network
 
 # Per-variant data of the reference: depths, train/test resolution, RandAugment magnitude, dropout.
 NFNET_VARIANTS: dict[str, dict] = {
@@ -91,7 +92,7 @@ class NFBlock(nnx.Module):
         if self.conv1b is not None:
             out = self.conv1b(self.act(out))
         out = self.conv2(self.act(out))
-        return L.nf_merge_residual(self, out, shortcut, train=train, key=key, stats=stats)
+        return network.nf_merge_residual(self, out, shortcut, train=train, key=key, stats=stats)
 
 
 class NFNet(nnx.Module):
@@ -155,7 +156,7 @@ class NFNet(nnx.Module):
         self.stem = nnx.List(
             [conv(chans[i], chans[i + 1], 3, strides=s, rngs=rngs) for i, s in enumerate(stem_strides)]
         )
-        betas = L.block_betas(depths, alpha)
+        betas = network.block_betas(depths, alpha)
         num_blocks = sum(depths)
         blocks = [
             NFBlock(
@@ -179,7 +180,7 @@ class NFNet(nnx.Module):
                 dtype=dtype,
                 rngs=rngs,
             )
-            for i, cin, cout, stride in L.stage_plan(widths, depths, strides, stem_out)
+            for i, cin, cout, stride in network.stage_plan(widths, depths, strides, stem_out)
         ]
         ch = widths[-1]
         self.blocks = nnx.List(blocks)
@@ -197,4 +198,4 @@ class NFNet(nnx.Module):
             if i < len(self.stem) - 1:
                 x = self.act(x)
         pre_pool = lambda h: self.act(self.final_conv(h))
-        return L.blocks_and_head(self, x, train=train, key=key, return_stats=return_stats, pre_pool=pre_pool)
+        return network.blocks_and_head(self, x, train=train, key=key, return_stats=return_stats, pre_pool=pre_pool)

@@ -15,6 +15,7 @@ from functools import partial
 import jax
 from flax import nnx
 
+from nfjax.models import batchnorm, network
 from nfjax.models import layers as L
 
 RESNET_LAYOUTS: dict[int, tuple[str, tuple[int, ...]]] = {
@@ -54,7 +55,7 @@ class ResBlock(nnx.Module):
         stochdepth_rate: float = 0.0,
         zero_init_last: bool = True,
         conv=L.Conv,
-        norm=L.BatchNorm,
+        norm=batchnorm.BatchNorm,
         rngs: nnx.Rngs,
     ):
         self.kind, self.stochdepth_rate = kind, stochdepth_rate
@@ -85,7 +86,7 @@ class ResBlock(nnx.Module):
         out = L.stochastic_depth(out, self.stochdepth_rate, key, train, scale_by_keep=True)
         out = jax.nn.relu(out + shortcut)
         if stats is not None:
-            stats.append({**L.channel_stats(out), "res_avg_var": L.channel_stats(residual)["avg_var"]})
+            stats.append({**network.channel_stats(out), "res_avg_var": network.channel_stats(residual)["avg_var"]})
         return out
 
 
@@ -126,7 +127,9 @@ class ResNet(nnx.Module):
                 f"got {norm!r}"
             )
         conv = partial(L.Conv, dtype=dtype)
-        batch_norm = partial(L.BatchNorm, momentum=bn_momentum, eps=bn_eps, ghost_batch_size=bn_ghost_size, dtype=dtype)
+        batch_norm = partial(
+            batchnorm.BatchNorm, momentum=bn_momentum, eps=bn_eps, ghost_batch_size=bn_ghost_size, dtype=dtype
+        )
         make_norm = batch_norm if norm == "batch" else NoNorm
         self.dtype, self.drop_rate, self.stem_kind = dtype, drop_rate, stem
         self.stem_conv = conv(
@@ -151,7 +154,7 @@ class ResNet(nnx.Module):
                 norm=make_norm,
                 rngs=rngs,
             )
-            for i, cin, cout, stride in L.stage_plan(widths, depths, strides, stem_width)
+            for i, cin, cout, stride in network.stage_plan(widths, depths, strides, stem_width)
         ]
         ch = widths[-1]
         self.blocks = nnx.List(blocks)
@@ -165,4 +168,4 @@ class ResNet(nnx.Module):
         x = jax.nn.relu(self.stem_bn(self.stem_conv(x), train))
         if self.stem_kind == "imagenet":
             x = L.max_pool_3x3_s2(x, padding=((1, 1), (1, 1)))
-        return L.blocks_and_head(self, x, train=train, key=key, return_stats=return_stats)
+        return network.blocks_and_head(self, x, train=train, key=key, return_stats=return_stats)
