@@ -40,7 +40,7 @@ from nfjax import parallel
 from nfjax.cli import run_parsed
 from nfjax.confusion_png import draw_confusion
 from nfjax.eval_metrics import MAX_CONFUSION_CLASSES, format_table
-from nfjax.experiment import load_run
+from nfjax.runs import load_run
 from nfjax.steps import EVAL_TTA_MODES
 
 JSON_CONFUSION_CLASSES = 100  # larger confusion matrices stay out of the printed JSON

@@ -6,7 +6,7 @@ consume it and none re-derives it.
     state = exp.create_state()               # random init, or model.init_from's weights; or exp.restore_state(ckpt)
     step_fn, eval_fn = exp.train_step(), exp.eval_step
 
-    run = load_run(workdir)                  # evaluation / prediction: config + weights, no optimizer
+    run = nfjax.runs.load_run(workdir)       # evaluation / prediction: config + weights, no optimizer
     run.experiment.evaluate(run.weights)     # top-1/top-5/loss, per-class P/R/F1 of params (and EMA)
 
 The train state is a dict of plain pytrees (see :mod:`nfjax.steps`); ``weights`` is its params / batch_stats /
@@ -19,9 +19,8 @@ import dataclasses
 import functools
 import json
 import math
-import os
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -402,72 +401,3 @@ def build_experiment(
     if training:
         data_lib.check_global_batch(cfg.train.global_batch, jax.process_count(), mesh.devices.size)
     return Experiment(cfg, info, mesh)
-
-
-# ----------------------------------------------------------------------------------------- saved runs
-
-
-def save_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes the run's config to ``workdir/config.json`` (process 0)."""
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(cfg.to_json_best_effort(indent=2))
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run in ``workdir`` was started with (unlocked: callers may edit it)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {workdir} the --workdir of a training run?")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-class SavedRun(NamedTuple):
-    """A training run brought back from its workdir for evaluation or prediction."""
-
-    experiment: Experiment
-    weights: dict  # params, batch_stats (BN models), ema (when the run keeps one), on experiment.mesh
-    step: int
-
-
-def load_run(
-    workdir: str,
-    *,
-    num_devices: int | None = None,
-    eval_split: str | None = None,
-    eval_batch: int | None = None,
-    info: data_lib.DatasetInfo | None = None,
-    data_dir: str | None = None,
-) -> SavedRun:
-    """The newest checkpoint of the run in ``workdir`` on a mesh of ``num_devices`` (default: every visible
-    device), with the run's config (``eval_split`` / ``eval_batch`` replace its data.eval_split /
-    train.eval_batch, ``data_dir`` its data.data_dir; ``info`` replaces the dataset's, for prediction without
-    it). Reads params, batch statistics and EMA only: no optimizer is built or restored. A cross-validation
-    run (data.num_folds) evaluates its held-out fold by default; an explicit ``eval_split`` is read whole, folds
-    off."""
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"workdir {workdir} does not exist; pass the --workdir of a training run")
-    cfg = load_config(workdir)
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise FileNotFoundError(
-            f"{workdir} holds no checkpoints folder: the run saved no checkpoint yet (checkpoints are written "
-            "every train.checkpoint_every_steps steps and at the end of a run)"
-        )
-    if eval_split and cfg.data.get("num_folds", 0):
-        cfg.data.num_folds, cfg.data.fold = 0, 0  # the split named, not the run's held-out fold
-    cfg.data.eval_split = eval_split or cfg.data.eval_split
-    cfg.train.eval_batch = eval_batch or cfg.train.eval_batch
-    cfg.data.data_dir = data_dir or cfg.data.data_dir
-    exp = build_experiment(cfg, num_devices=num_devices, info=info, training=False)
-    ckpt = exp.checkpointer(workdir, create=False)
-    try:
-        read = lambda step: ckpt.restore_weights(exp.abstract_weights(ckpt.read_meta(step)["weights"]), step)
-        found = ckpt.newest_readable(read)  # a damaged newest step: one warning line, then the one before
-    finally:
-        ckpt.close()
-    if found is None:
-        raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}; train longer or check the path")
-    return SavedRun(exp, found[1], int(found[0]))

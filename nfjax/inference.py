@@ -23,8 +23,9 @@ from nfjax.data.config import mean_std
 from nfjax.data.pipeline import batch_image_shape
 from nfjax.data.sources import IMAGE_EXTENSIONS, make_source
 from nfjax.data.tf_lazy import import_tf
-from nfjax.experiment import Experiment, load_config, load_run
+from nfjax.experiment import Experiment
 from nfjax.models import lowering
+from nfjax.runs import load_config, load_run
 from nfjax.steps import apply_model, mean_view_log_probs, with_flips
 
 TTA_MODES = ("none", "flip", "crops5", "flip+crops5")

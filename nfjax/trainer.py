@@ -27,10 +27,11 @@ from nfjax.checkpoint import Checkpointer, CheckpointSaveError, first_line
 from nfjax.class_weights import write_class_weights
 from nfjax.clipping import leaf_paths
 from nfjax.eval_metrics import split_details
-from nfjax.experiment import Experiment, RunError, build_experiment, save_config
+from nfjax.experiment import Experiment, RunError, build_experiment
 from nfjax.metrics import MetricWriter, Progress
 from nfjax.plateau import HIGHER_IS_BETTER
 from nfjax.plateau import describe as describe_plateau
+from nfjax.runs import save_config
 
 TRAIN_MEANS = ("loss", "top1", "grad_norm", "param_norm", "update_norm", "agc_clip_fraction")
 # Steps dispatched ahead of the newest finished one: the host prepares the next batches while the device computes,

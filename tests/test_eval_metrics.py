@@ -15,8 +15,8 @@ from nfjax import data, parallel, train
 from nfjax import evaluate as evaluate_lib
 from nfjax.confusion_png import draw_confusion
 from nfjax.eval_metrics import MAX_CONFUSION_CLASSES, SUMMARY_KEYS, class_counts, classification_report, format_table
-from nfjax.experiment import load_run
 from nfjax.metrics import read_metrics
+from nfjax.runs import load_run
 from nfjax.steps import apply_model
 
 from helpers import nf_args

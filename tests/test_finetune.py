@@ -16,8 +16,9 @@ from nfjax import train
 from nfjax.config_lib import base_config, load_config_file
 from nfjax.data import DatasetInfo, to_global_batch
 from nfjax.data.config import IMAGENET_MEAN
-from nfjax.experiment import build_experiment, save_config
+from nfjax.experiment import build_experiment
 from nfjax.finetune import InitFromError, abstract_trees
+from nfjax.runs import save_config
 
 from helpers import ROOT, assert_clean_error, checkpoint_steps, snapshot, train_rows
 

@@ -14,7 +14,8 @@ from jax.sharding import PartitionSpec as P
 from nfjax import optim, parallel
 from nfjax.config_lib import base_config
 from nfjax.data import DatasetInfo, to_global_batch
-from nfjax.experiment import build_experiment, load_run, save_config
+from nfjax.experiment import build_experiment
+from nfjax.runs import load_run, save_config
 
 TINY = dict(widths=(8, 16, 16), stem_width=8)
 INFO = DatasetInfo(64, 16, 10, (8, 8, 1), tuple(f"c{i}" for i in range(10)))

@@ -19,7 +19,7 @@ import pytest
 
 from nfjax import evaluate as evaluate_lib
 from nfjax import train
-from nfjax.experiment import load_run
+from nfjax.runs import load_run
 
 from helpers import (
     ROOT,

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nfjax import config_lib, experiment, optim, plateau, train
+from nfjax import config_lib, experiment, optim, plateau, runs, train
 from nfjax.metrics import read_metrics
 
 from helpers import ROOT, checkpoint_steps, two_class_image_folder
@@ -262,7 +262,7 @@ def test_a_resumed_run_continues_the_plateau_exactly(tmp_path):
         assert [r["step"] for r in a] == [r["step"] for r in b], split
         for key in keys:
             np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=1e-5, err_msg=f"{split}/{key}")
-    final_a = experiment.load_run(str(whole), num_devices=1).weights["params"]
-    final_b = experiment.load_run(str(parts), num_devices=1).weights["params"]
+    final_a = runs.load_run(str(whole), num_devices=1).weights["params"]
+    final_b = runs.load_run(str(parts), num_devices=1).weights["params"]
     for x, y in zip(jax.tree.leaves(final_a), jax.tree.leaves(final_b), strict=True):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)

@@ -20,7 +20,7 @@ from nfjax import evaluate as evaluate_lib
 from nfjax import optim, predict, train, trainer
 from nfjax.clipping import leaf_paths
 from nfjax.config_lib import load_config_file
-from nfjax.experiment import load_run
+from nfjax.runs import load_run
 
 from helpers import (
     MAX_FLIPPED_EXAMPLES,

@@ -92,7 +92,7 @@ def load_weights(workdir: str, num_devices: int | None = 1):
     class count and input channels come from the checkpoint (class names from pretrained.json when present)."""
     from nfjax.checkpoint import newest_meta_in
     from nfjax.data import DatasetInfo
-    from nfjax.experiment import load_config, load_run
+    from nfjax.runs import load_config, load_run
 
     workdir = os.path.abspath(os.path.expanduser(workdir))
     record = read_record(workdir)
@@ -126,7 +126,8 @@ def save_pretrained(
     ``weights``: {'params': pure dict, 'batch_stats': pure dict (BN models)} of NumPy/JAX arrays, exactly the
     trees of ``create_model(model, num_classes, **model_kwargs)``; checked against the model before writing.
     """
-    from nfjax.experiment import build_experiment, save_config
+    from nfjax.experiment import build_experiment
+    from nfjax.runs import save_config
 
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     if os.path.exists(out_dir) and os.listdir(out_dir):
