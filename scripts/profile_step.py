@@ -234,8 +234,8 @@ def profile(args, lowering: str) -> dict:
 @contextlib.contextmanager
 def only_lowerings(kinds: set[str]):
     """Forces the CPU lowerings, then puts XLA's own op back for every kind not in ``kinds`` (of 'grouped',
-    'pointwise', 'max_pool', 'batch_norm'), so one lowering's effect on the whole step can be measured. The
-    kind 'eigen_convs' (XLA's Eigen convolutions instead of YNNPACK) is a compiler option: see :func:`ablation`."""
+    'pointwise', 'max_pool', 'batch_norm', 'weight_std'), so one lowering's effect on the whole step can be
+    measured. The kind 'eigen_convs' (XLA's Eigen convolutions instead of YNNPACK) is a compiler option: see :func:`ablation`."""
     import jax
 
     from nfjax.models import layers, lowering
@@ -245,6 +245,7 @@ def only_lowerings(kinds: set[str]):
         pointwise=lowering.pointwise_conv,
         pool=lowering._max_pool_slices,
         bn=lowering.batch_norm_train,
+        ws=lowering.standardize_kernel,
     )
 
     def conv2d(x, kernel, strides=(1, 1), padding="SAME", groups=1, impl="auto"):
@@ -262,7 +263,12 @@ def only_lowerings(kinds: set[str]):
         y = (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
         return y, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
 
+    def standardize(w, gain, eps, floor, gamma):  # the plain form, differentiated by JAX
+        return saved["ws"].__wrapped__(w, gain, eps, floor, gamma)
+
     layers.conv2d = conv2d
+    if "weight_std" not in kinds:
+        lowering.standardize_kernel = standardize
     if "pointwise" not in kinds:
         lowering.pointwise_conv = pointwise
     if "max_pool" not in kinds:
@@ -275,6 +281,7 @@ def only_lowerings(kinds: set[str]):
     finally:
         layers.conv2d, lowering.pointwise_conv = saved["conv2d"], saved["pointwise"]
         lowering._max_pool_slices, lowering.batch_norm_train = saved["pool"], saved["bn"]
+        lowering.standardize_kernel = saved["ws"]
 
 
 ABLATIONS = {
@@ -284,7 +291,9 @@ ABLATIONS = {
     "+ max-pool gradient": {"max_pool"},
     "+ BatchNorm backward": {"batch_norm"},
     "+ Eigen convolutions": {"eigen_convs"},
-    "all CPU lowerings": {"grouped", "pointwise", "max_pool", "batch_norm", "eigen_convs"},
+    "+ weight standardization backward": {"weight_std"},
+    "all CPU lowerings": {"grouped", "pointwise", "max_pool", "batch_norm", "eigen_convs", "weight_std"},
+    "all but the weight standardization backward": {"grouped", "pointwise", "max_pool", "batch_norm", "eigen_convs"},
 }
 
 

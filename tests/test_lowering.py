@@ -87,6 +87,37 @@ def test_batch_norm_closed_form_backward_matches_autodiff():
     chex.assert_trees_all_close(split, native, rtol=2e-5, atol=2e-6)  # value, running statistics, gradients
 
 
+@pytest.mark.parametrize(
+    "shape, eps_mode, with_gain, gamma, spread",
+    [
+        ((3, 3, 16, 8), "floor", True, 1.0, 1.0),
+        ((1, 1, 24, 6), "add", True, 1.7139588594436646, 1.0),
+        ((3, 3, 4, 5), "floor", False, 1.0, 1.0),
+        ((20, 7), "add", False, 1.0, 1.0),
+        ((3, 3, 8, 4), "floor", True, 1.0, 1e-4),  # var * fan_in below eps: the floor holds the scale
+    ],
+)
+def test_weight_standardization_closed_form_matches_autodiff(shape, eps_mode, with_gain, gamma, spread):
+    kernel = spread * jax.random.normal(jax.random.key(1), shape) + 0.3 * spread
+    kernel = kernel.at[..., 0].multiply(5.0)  # channels of unequal variance
+    gain = jnp.linspace(0.5, 2.0, shape[-1]) if with_gain else None
+    probe = jax.random.normal(jax.random.key(2), shape)
+
+    def run(impl):
+        def loss(kernel, gain):
+            w = L.standardize_kernel(kernel, gain, 1e-4, eps_mode, gamma, impl=impl)
+            return jnp.sum(jnp.sin(3.0 * w) * probe), w
+
+        argnums = (0, 1) if with_gain else 0
+        return jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))(kernel, gain)
+
+    (value_n, w_n), grads_n = run("native")
+    (value_s, w_s), grads_s = run("split")
+    np.testing.assert_array_equal(w_s, w_n)  # the forward is the plain one, operation for operation
+    chex.assert_trees_all_close((value_s, grads_s), (value_n, grads_n), rtol=2e-5, atol=1e-6)
+    assert np.abs(np.asarray(jax.tree.leaves(grads_n)[0])).max() > 1e-3  # a gradient that can differ
+
+
 def test_auto_resolves_per_backend_and_can_be_forced():
     on_this_backend = "split" if jax.default_backend() == "cpu" else "native"
     assert lowering.resolve_impl("auto") == on_this_backend

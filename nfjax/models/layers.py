@@ -122,6 +122,7 @@ def standardize_kernel(
     eps: float = 1e-4,
     eps_mode: Literal["floor", "add"] = "floor",
     gamma: float = 1.0,
+    impl: lowering.ConvImpl = "auto",
 ) -> jax.Array:
     """Scaled weight standardization of an HWIO (or (in, out)) kernel, in float32.
 
@@ -130,17 +131,20 @@ def standardize_kernel(
       floor (DeepMind): w_hat = (w - mu) * gain * gamma * rsqrt(max(var * fan_in, eps))
       add   (timm):     w_hat = (w - mu) * gain * gamma / sqrt(fan_in * (var + eps))
     """
+    if eps_mode not in ("floor", "add"):
+        raise ValueError(f"eps_mode must be 'floor' (DeepMind) or 'add' (timm), got {eps_mode!r}")
     w = kernel.astype(jnp.float32)
+    if lowering.resolve_impl(impl) == "split":  # the same values, with a closed-form backward
+        gain = jnp.ones(w.shape[-1:], jnp.float32) if gain is None else gain.astype(jnp.float32)
+        return lowering.standardize_kernel(w, gain, eps, eps_mode == "floor", gamma)
     axes = tuple(range(w.ndim - 1))
     fan_in = math.prod(w.shape[:-1])
     mean = jnp.mean(w, axis=axes, keepdims=True)
     var = jnp.var(w, axis=axes, keepdims=True)
     if eps_mode == "floor":
         scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps))
-    elif eps_mode == "add":
-        scale = jax.lax.rsqrt(fan_in * (var + eps))
     else:
-        raise ValueError(f"eps_mode must be 'floor' (DeepMind) or 'add' (timm), got {eps_mode!r}")
+        scale = jax.lax.rsqrt(fan_in * (var + eps))
     if gain is not None:
         scale = scale * gain.astype(jnp.float32)
     if gamma != 1.0:
@@ -215,7 +219,9 @@ class WSConv(nnx.Module):
         self.dtype = dtype
 
     def standardized_kernel(self) -> jax.Array:
-        return standardize_kernel(self.kernel[...], self.gain[...], self.eps, self.eps_mode, self.gamma)
+        return standardize_kernel(
+            self.kernel[...], self.gain[...], self.eps, self.eps_mode, self.gamma, impl=self.grouped_impl
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype or x.dtype
