@@ -235,7 +235,8 @@ def profile(args, lowering: str) -> dict:
 def only_lowerings(kinds: set[str]):
     """Forces the CPU lowerings, then puts XLA's own op back for every kind not in ``kinds`` (of 'grouped',
     'pointwise', 'max_pool', 'batch_norm', 'weight_std'), so one lowering's effect on the whole step can be
-    measured. The kind 'eigen_convs' (XLA's Eigen convolutions instead of YNNPACK) is a compiler option: see :func:`ablation`."""
+    measured. The kind 'eigen_convs' (XLA's Eigen convolutions instead of YNNPACK) is a compiler option: see
+    :func:`ablation`."""
     import jax
 
     from nfjax.models import layers, lowering
