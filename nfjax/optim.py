@@ -397,7 +397,8 @@ class Optimizer:
 
         Returns the updated fields (step, params, opt_state[, ema]) and the optimizer's metrics: lr of this
         step (``schedule(step) * scale`` with the plateau rule, whose ``scale`` is also returned as
-        ``lr_scale``), global norms of gradient, new params and update, and the AGC clip fraction (0 without AGC).
+        ``lr_scale``), global norms of the gradient, of the params the step starts from (the previous step's
+        result) and of the update, and the AGC clip fraction (0 without AGC).
         The plateau ``scale`` multiplies the chain's final updates, which is the lr times the scale (every
         optimizer here applies ``-lr(t)`` last); the state's ``plateau`` changes only between steps (the trainer).
         """
@@ -415,7 +416,9 @@ class Optimizer:
             lr=lr,
             **extra,
             grad_norm=optax.tree.norm(grads),
-            param_norm=optax.tree.norm(params),
+            # The params the step starts from: their buffers are read as they are. The new params' norm made XLA
+            # fuse the whole update into one more reduction per array: ~1 s of F0's compile (docs/performance.md).
+            param_norm=optax.tree.norm(state["params"]),
             update_norm=optax.tree.norm(updates),
             agc_clip_fraction=clip_fraction(opt_state),
         )

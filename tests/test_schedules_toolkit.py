@@ -200,6 +200,10 @@ def test_the_scale_multiplies_the_update_and_the_logged_lr():
     new, metrics = jax.jit(opt.apply)(state, {"w": jnp.array([4.0, -8.0])})
     np.testing.assert_allclose(new["params"]["w"], [1 - 0.1, 2 + 0.2], rtol=1e-6)
     assert float(metrics["lr"]) == pytest.approx(0.025) and float(metrics["lr_scale"]) == 0.25
+    # the parameter norm is the starting params' (the previous step's result), the update norm the step's own
+    assert float(metrics["param_norm"]) == pytest.approx(math.sqrt(5.0), rel=1e-6)
+    assert float(metrics["update_norm"]) == pytest.approx(0.025 * math.sqrt(80.0), rel=1e-6)
+    assert float(metrics["grad_norm"]) == pytest.approx(math.sqrt(80.0), rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------- through the trainer
