@@ -30,7 +30,7 @@ configure_host_devices()  # before JAX starts, as for training
 import numpy as np
 
 from nfjax.benchmark_memory import add_memory_parser
-from nfjax.benchmark_train import add_train_parser
+from nfjax.benchmark_train import add_train_parser, check_counts
 
 
 def make_synthetic_jpegs(root: str | Path, num_images: int = 300, num_classes: int = 4, seed: int = 0) -> Path:
@@ -153,14 +153,11 @@ def _grain_builders(args: argparse.Namespace, cfg, source) -> dict:
 
 
 def _check_data_args(args: argparse.Namespace) -> None:
-    """Exits with one line naming the flag when the sizes cannot give a measurement."""
-    for flag in ("batch", "steps", "rounds", "image_size", "num_images"):
-        if getattr(args, flag) < 1:
-            raise SystemExit(f"--{flag.replace('_', '-')}={getattr(args, flag)} is invalid: it must be at least 1")
-    if args.warmup < 0:
-        raise SystemExit(f"--warmup={args.warmup} is invalid: it must be 0 or more")
+    """Exits through the subcommand's ``parser.error`` (usage, one line naming the flag, exit code 2) when the
+    sizes cannot give a measurement, as ``benchmark train`` and ``benchmark memory`` do."""
+    check_counts(args, ("batch", "steps", "rounds", "image_size", "num_images"))
     if args.dataset == "synthetic_jpeg" and args.num_images < args.batch:
-        raise SystemExit(
+        args.error(
             f"--num-images={args.num_images} is smaller than --batch={args.batch}: the generated folder must hold at "
             f"least one batch; use --num-images {args.batch} or more (or a smaller --batch)"
         )
@@ -168,15 +165,16 @@ def _check_data_args(args: argparse.Namespace) -> None:
 
 
 def _check_grain_args(args: argparse.Namespace) -> None:
-    """Exits with one line when --compare-grain cannot run: grain missing, or not the crop_flip work on files."""
+    """Exits through ``parser.error`` when --compare-grain cannot run: grain missing, or not the crop_flip work
+    on files."""
     if not args.compare_grain:
         return
     from nfjax.benchmark_grain import grain_missing_message
 
     if message := grain_missing_message():
-        raise SystemExit(message)
+        args.error(message)
     if args.preset != "crop_flip" or args.dataset not in ("synthetic_jpeg", "image_folder"):
-        raise SystemExit(
+        args.error(
             "--compare-grain runs the crop_flip preset on image files: use --preset crop_flip with "
             "--dataset synthetic_jpeg or image_folder"
         )
@@ -273,7 +271,7 @@ def add_data_parser(subparsers) -> None:
         "--grain-workers", type=_int_list, default=(0, 1, 2), help="--compare-grain: worker process counts, e.g. 0,2"
     )
     parser.add_argument("--grain-threads", type=int, default=16, help="--compare-grain: read threads per process")
-    parser.set_defaults(run=benchmark_data)
+    parser.set_defaults(run=benchmark_data, error=parser.error)
 
 
 def main(argv: Sequence[str] | None = None):

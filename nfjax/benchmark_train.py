@@ -22,6 +22,7 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 
 from nfjax.host_devices import cpu_cores
 
@@ -110,6 +111,17 @@ def time_rounds(runners: list[Runner], args) -> None:
         for runner in runners:
             for i in range(args.steps):
                 runner.step(r * args.steps + i, total, f"round {r + 1}/{args.rounds}", timed=True)
+
+
+def check_counts(args: argparse.Namespace, positive: Sequence[str]) -> None:
+    """Exits through the subcommand's ``parser.error`` (usage, one line naming the flag, exit code 2) when one
+    of ``positive`` is below 1 or ``--warmup`` below 0: sizes that cannot give a measurement. Shared by the
+    ``train`` and ``data`` benchmarks."""
+    for flag in positive:
+        if getattr(args, flag) < 1:
+            args.error(f"--{flag.replace('_', '-')}={getattr(args, flag)} is invalid: it must be at least 1")
+    if args.warmup < 0:
+        args.error(f"--warmup={args.warmup} is invalid: it must be 0 or more")
 
 
 def jax_runner(args) -> Runner:
@@ -276,10 +288,7 @@ def benchmark_train(args: argparse.Namespace) -> dict:
 
     if args.model not in MODELS:
         args.error(f"unknown model {args.model!r}; valid names: {', '.join(list_models())}")
-    if args.steps < 1 or args.warmup < 0:
-        args.error("--steps must be at least 1 and --warmup at least 0")
-    if args.rounds < 1:
-        args.error("--rounds must be at least 1")
+    check_counts(args, ("batch", "image_size", "steps", "rounds"))
     load_before = os.getloadavg()[0]
     dtype = {"dtype": jnp.bfloat16} if args.dtype == "bfloat16" else {}
     macs = count_macs(abstract_model(args.model, num_classes=1000, **dtype), args.image_size)

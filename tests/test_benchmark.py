@@ -75,22 +75,23 @@ def test_timm_names():
     assert timm_name("nf_resnet_small") is None
 
 
-def test_compare_grain_without_grain_is_one_line(monkeypatch):
+def test_compare_grain_without_grain_is_one_line(monkeypatch, capsys):
     """grain is optional (not in the test extra): --compare-grain without it exits with the install hint,
     before any file is written."""
     monkeypatch.setitem(sys.modules, "grain", None)  # `import grain` raises ImportError
     monkeypatch.setattr(benchmark, "make_synthetic_jpegs", lambda *a, **k: pytest.fail("files were written"))
     with pytest.raises(SystemExit) as exit_info:
         main(["data", "--compare-grain"])
-    assert exit_info.value.code == GRAIN_INSTALL_HINT
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {GRAIN_INSTALL_HINT}")
     assert "\n" not in GRAIN_INSTALL_HINT and "pip install grain" in GRAIN_INSTALL_HINT
 
 
-def test_compare_grain_needs_crop_flip_on_files(monkeypatch):
+def test_compare_grain_needs_crop_flip_on_files(monkeypatch, capsys):
     monkeypatch.setattr(benchmark_grain, "grain_missing_message", lambda: None)
     with pytest.raises(SystemExit) as exit_info:
         main(["data", "--compare-grain", "--preset", "nfnet"])
-    assert "--preset crop_flip" in exit_info.value.code
+    assert exit_info.value.code == 2 and "--preset crop_flip" in capsys.readouterr().err
 
 
 def test_distorted_box_window_matches_tf_sampler():
@@ -156,7 +157,15 @@ def test_bad_rounds_is_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--model", "nf_resnet_small", "--rounds", "0"])
     assert exit_info.value.code == 2
-    assert "--rounds must be at least 1" in capsys.readouterr().err
+    assert "--rounds=0 is invalid: it must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--batch", "--image-size", "--steps"])
+def test_train_benchmark_sizes_that_cannot_run_are_one_line(capsys, flag):
+    with pytest.raises(SystemExit) as exit_info:  # --batch 0 was a traceback, --image-size 0 a nonsense number
+        main(["train", "--model", "nf_resnet_small", flag, "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {flag}=0 is invalid: it must be at least 1")
 
 
 @pytest.mark.parametrize(
@@ -167,8 +176,9 @@ def test_bad_rounds_is_one_line(capsys):
         (["--warmup", "-1"], "--warmup=-1 is invalid"),
     ],
 )
-def test_data_benchmark_sizes_that_cannot_run_are_one_line(monkeypatch, flags, message):
+def test_data_benchmark_sizes_that_cannot_run_are_one_line(monkeypatch, capsys, flags, message):
     monkeypatch.setattr(benchmark, "make_synthetic_jpegs", lambda *a, **k: pytest.fail("files were written"))
     with pytest.raises(SystemExit) as exit_info:
         main(["data", *flags])
-    assert message in exit_info.value.code and "\n" not in exit_info.value.code
+    assert exit_info.value.code == 2  # usage and one error line, as `benchmark train` and `memory` give
+    assert message in capsys.readouterr().err.splitlines()[-1]
