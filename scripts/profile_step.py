@@ -264,12 +264,9 @@ def only_lowerings(kinds: set[str]):
         y = (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
         return y, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
 
-    def standardize(w, gain, eps, floor, gamma):  # the plain form, differentiated by JAX
-        return saved["ws"].__wrapped__(w, gain, eps, floor, gamma)
-
     layers.conv2d = conv2d
     if "weight_std" not in kinds:
-        lowering.standardize_kernel = standardize
+        lowering.standardize_kernel = lowering.standardize_plain  # differentiated by JAX
     if "pointwise" not in kinds:
         lowering.pointwise_conv = pointwise
     if "max_pool" not in kinds:

@@ -167,11 +167,19 @@ def test_the_profiler_records_every_op_of_the_forward_and_restores_the_layers():
 
     profile = load_script("profile_step")
     exp, state, batch = build_benchmark_experiment("resnet_small", 16, 8)
-    before = (L.conv2d, lowering.pointwise_conv, lowering.batch_norm_train, batchnorm.BatchNorm.__call__)
+    patched = lambda: (
+        L.conv2d,
+        lowering.pointwise_conv,
+        lowering.batch_norm_train,
+        batchnorm.BatchNorm.__call__,
+        lowering.standardize_kernel,
+    )
+    before = patched()
     ops, first_block = profile.record_ops(exp, state, batch)
     with profile.only_lowerings({"max_pool"}):
         assert lowering.pointwise_conv is not before[1] and lowering.batch_norm_train is not before[2]
-    assert (L.conv2d, lowering.pointwise_conv, lowering.batch_norm_train, batchnorm.BatchNorm.__call__) == before
+        assert lowering.standardize_kernel is lowering.standardize_plain
+    assert patched() == before
     convs = [op for op in ops if op[0] == "conv"]
     kinds = {op[0] for op in ops}
     assert kinds == {"conv", "batch_norm"}  # the small-image BN ResNet: no max pool, no weight standardization

@@ -134,22 +134,10 @@ def standardize_kernel(
     if eps_mode not in ("floor", "add"):
         raise ValueError(f"eps_mode must be 'floor' (DeepMind) or 'add' (timm), got {eps_mode!r}")
     w = kernel.astype(jnp.float32)
-    if lowering.resolve_impl(impl) == "split":  # the same values, with a closed-form backward
-        gain = jnp.ones(w.shape[-1:], jnp.float32) if gain is None else gain.astype(jnp.float32)
-        return lowering.standardize_kernel(w, gain, eps, eps_mode == "floor", gamma)
-    axes = tuple(range(w.ndim - 1))
-    fan_in = math.prod(w.shape[:-1])
-    mean = jnp.mean(w, axis=axes, keepdims=True)
-    var = jnp.var(w, axis=axes, keepdims=True)
-    if eps_mode == "floor":
-        scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps))
-    else:
-        scale = jax.lax.rsqrt(fan_in * (var + eps))
-    if gain is not None:
-        scale = scale * gain.astype(jnp.float32)
-    if gamma != 1.0:
-        scale = scale * gamma
-    return (w - mean) * scale
+    gain = jnp.ones(w.shape[-1:], jnp.float32) if gain is None else gain.astype(jnp.float32)  # x * 1 is exact
+    # the CPU form has the same forward, with a closed-form backward
+    form = lowering.standardize_kernel if lowering.resolve_impl(impl) == "split" else lowering.standardize_plain
+    return form(w, gain, eps, eps_mode == "floor", gamma)
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
