@@ -66,10 +66,15 @@ def build_benchmark_experiment(name: str, image_size: int, batch: int, dtype: st
 
 
 def build_jax_step(name: str, image_size: int, batch: int, dtype: str, step: str = "train"):
-    """Returns (jitted step, state, batch): the experiment's train step, or with ``step='eval'`` its eval step,
-    ``eval_step(params, batch_stats, batch)``."""
+    """Returns (jitted step, state, batch): the experiment's train step, or with ``step='eval'`` the eval step
+    that evaluation runs on every batch, ``eval_step(params, batch_stats, batch)``, with the state's params
+    replaced by the weights it takes (NF models: every kernel standardized once, as ``nfjax.evaluate``, the
+    trainer's evaluations and ``nfjax.predict`` do, see :meth:`nfjax.experiment.Experiment.inference_weights`)."""
     exp, state, data = build_benchmark_experiment(name, image_size, batch, dtype)
-    return (exp.train_step() if step == "train" else exp.eval_step), state, data
+    if step == "train":
+        return exp.train_step(), state, data
+    weights, prestandardized = exp.inference_weights(state["params"], state.get("batch_stats", {}))
+    return exp.tta_eval_step("none", False, prestandardized), dict(state, params=weights), data
 
 
 def _progress(label: str, index: int, total: int, phase: str, seconds: float) -> None:

@@ -26,7 +26,7 @@ from nfjax.data.tf_lazy import import_tf
 from nfjax.experiment import Experiment
 from nfjax.models import lowering
 from nfjax.runs import load_config, load_run
-from nfjax.steps import apply_model, mean_view_log_probs, with_flips
+from nfjax.steps import apply_model, mean_view_log_probs, prestandardized_fn, with_flips
 
 TTA_MODES = ("none", "flip", "crops5", "flip+crops5")
 CROP_TTA_MODES = ("crops5", "flip+crops5")  # five crops of the resized image instead of its center crop
@@ -181,12 +181,15 @@ def find_images(folder: str) -> list[str]:
     return found
 
 
-def make_probs_fn(model: InferenceModel, tta: str = "none") -> Callable[[dict, dict, jax.Array], jax.Array]:
+def make_probs_fn(
+    model: InferenceModel, tta: str = "none", prestandardized: bool = False
+) -> Callable[[dict, dict, jax.Array], jax.Array]:
     """A jitted (params, batch_stats, images) -> softmax probabilities [N, classes]; images float32
     [N, S, S, C], or [N, 5, S, S, C] (:meth:`InferenceModel.preprocess` with crops) for the crop modes.
     'none': softmax(model(x)). Otherwise p = (1/V) sum_v softmax(model(x_v)), the mean of the softmax
     probabilities (not of the logits) over V views: 'flip' x and its mirror (width axis reversed), V = 2;
-    'crops5' the five crops, V = 5; 'flip+crops5' the five crops and their mirrors, V = 10."""
+    'crops5' the five crops, V = 5; 'flip+crops5' the five crops and their mirrors, V = 10.
+    ``prestandardized``: params from :meth:`nfjax.experiment.Experiment.inference_weights`."""
     model.check_tta(tta)
     graphdef = model.experiment.graphdef
 
@@ -198,6 +201,7 @@ def make_probs_fn(model: InferenceModel, tta: str = "none") -> Callable[[dict, d
         views = with_flips(views) if tta.startswith("flip") else views
         return jnp.exp(mean_view_log_probs(logits_fn, views))
 
+    probs = prestandardized_fn(probs) if prestandardized else probs
     return jax.jit(probs, compiler_options=lowering.compiler_options())
 
 
@@ -218,7 +222,10 @@ def run_batches(
     i+1 is read while batch i runs. ``on_batch(files)`` is called after each batch is done."""
     if batch < 1:
         raise ValueError(f"--batch must be at least 1, got {batch}")
-    probs_fn = make_probs_fn(model, tta)
+    model.check_tta(tta)
+    # Weight standardization once for all the batches, not in each (NF models).
+    weights, prestandardized = model.experiment.inference_weights(model.params, model.batch_stats)
+    probs_fn = make_probs_fn(model, tta, prestandardized)
     crops = tta in CROP_TTA_MODES
     pending = None  # (chunk results, device probabilities) of the batch in flight
     for start in range(0, len(paths), batch):
@@ -235,7 +242,7 @@ def run_batches(
         if images:
             padded = np.zeros((batch, *images[0].shape), np.float32)
             padded[: len(images)] = np.stack(images)
-            in_flight = probs_fn(model.params, model.batch_stats, padded)
+            in_flight = probs_fn(weights, model.batch_stats, padded)
         if pending is not None:
             yield from _finish(*pending, on_batch)
         pending = (chunk, in_flight)

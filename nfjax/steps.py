@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nfjax.eval_metrics import class_counts
+from nfjax.models.layers import WSConv, prestandardized
 from nfjax.optim import Optimizer
 
 
@@ -27,6 +28,37 @@ def apply_model(graphdef, params, batch_stats, images, *, train: bool, key=None)
     logits = model(images, train=train, key=key)
     new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)) if batch_stats else batch_stats
     return logits, new_stats
+
+
+def standardizes_weights(graphdef, params, batch_stats) -> bool:
+    """Whether the model has weight-standardized convolutions (WSConv): every NF model, no BN model. The
+    leaves may be abstract (``jax.ShapeDtypeStruct``)."""
+    model = nnx.merge(graphdef, params, batch_stats)
+    return any(isinstance(module, WSConv) for _, module in model.iter_modules())
+
+
+def standardize_weights(graphdef, params, batch_stats) -> dict:
+    """``params`` with every WSConv ``kernel`` replaced by the kernel it convolves with (standardized in float32,
+    gain and gamma folded in); every other leaf as it is. Inference computes this once per set of weights instead
+    of in every call: apply the model to the result only inside :func:`nfjax.models.layers.prestandardized`
+    (outside it, the kernels would be standardized a second time). See :func:`prestandardized_fn`."""
+    model = nnx.merge(graphdef, params, batch_stats)
+    for _, module in model.iter_modules():
+        if isinstance(module, WSConv):
+            module.kernel[...] = module.standardized_kernel()
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def prestandardized_fn(fn: Callable) -> Callable:
+    """``fn(params, batch_stats, ...)`` for params from :func:`standardize_weights`: ``fn`` traced with
+    :func:`nfjax.models.layers.prestandardized` in force (wrap before ``jax.jit``; the context is entered when
+    the function is traced)."""
+
+    def wrapped(*args, **kwargs):
+        with prestandardized():
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def mean_view_log_probs(logits_fn: Callable[[jax.Array], jax.Array], views: jax.Array) -> jax.Array:

@@ -44,6 +44,22 @@ def test_train_benchmark_json_report(capsys):
     assert report["forward_gmacs_per_image"] > 0.01
 
 
+def test_eval_benchmark_times_the_step_evaluation_runs(capsys):
+    """The eval row times the step evaluate and predict run per batch: on kernels standardized once."""
+    from nfjax.benchmark_train import build_benchmark_experiment, build_jax_step
+
+    step, state, batch = build_jax_step("nf_resnet_small", 32, 8, "float32", "eval")
+    exp, raw, _ = build_benchmark_experiment("nf_resnet_small", 32, 8)
+    kernel = lambda params: params["stem_conv"]["kernel"]
+    assert not np.allclose(kernel(state["params"]), kernel(raw["params"]))  # standardized, not the raw kernel
+    per_call = exp.eval_step(raw["params"], {}, batch)  # standardizes inside, as before
+    once = step(state["params"], {}, batch)
+    np.testing.assert_allclose(once["loss"], per_call["loss"], rtol=1e-5)
+    argv = ["train", "--model", "nf_resnet_small", "--image-size", "32", "--batch", "8", "--step", "eval"]
+    (row,) = main(argv + ["--warmup", "1", "--steps", "1", "--json"])["rows"]
+    assert row["img_per_s"] > 0
+
+
 def test_memory_report_counts_shard_bytes_without_allocating(capsys):
     report = main(["memory", "--model", "nf_resnet_small", "nfnet_f0", "--fsdp", "8", "--json"])
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(report))

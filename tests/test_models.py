@@ -336,3 +336,45 @@ def test_nf_classifier_init_stays_deepminds(name):
     kernel = np.asarray(model.classifier.kernel[...])
     np.testing.assert_array_equal(model.classifier.bias[...], 0.0)
     np.testing.assert_allclose(kernel.std(), 0.01, rtol=0.02)
+
+
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("nfnet_f0", TINY_NFNET),  # DeepMind's layout: gain, eps floor, grouped convs
+        ("eca_nfnet_l0", TINY_NFNET),  # timm's layout: gamma folded into the kernel, eps added
+        ("resnet_small", {}),  # BN: nothing to standardize, the params come back unchanged
+    ],
+)
+def test_inference_weights_standardized_once_give_the_same_logits(name, kw):
+    from nfjax.models.layers import prestandardized
+    from nfjax.steps import apply_model, standardize_weights, standardizes_weights
+
+    graphdef, params, stats = nnx.split(
+        create_model(name, num_classes=10, rngs=nnx.Rngs(0), **kw), nnx.Param, nnx.BatchStat
+    )
+    params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+    # Gains away from their init, so folding them into the kernel is exercised.
+    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, p: (
+            p * jax.random.uniform(next(keys), p.shape, minval=0.5, maxval=1.5) if str(path[-1].key) == "gain" else p
+        ),
+        params,
+    )
+    x = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+    forward = jax.jit(lambda w, s, x: apply_model(graphdef, w, s, x, train=False)[0])
+    plain = forward(params, stats, x)
+    weights = jax.jit(lambda p, s: standardize_weights(graphdef, p, s))(params, stats)
+    chex.assert_trees_all_equal_shapes_and_dtypes(weights, params)
+    with prestandardized():  # traced here: a new jit, so that the context is in force when it traces
+        once = jax.jit(lambda w, s, x: apply_model(graphdef, w, s, x, train=False)[0])(weights, stats, x)
+    np.testing.assert_allclose(once, plain, rtol=1e-5, atol=1e-5)
+    assert standardizes_weights(graphdef, params, stats) == (name != "resnet_small")
+    if name == "resnet_small":
+        chex.assert_trees_all_equal(weights, params)
+    else:  # inside the context the forward does no standardization at all (it is the only rsqrt of NF models)
+        program = lambda: jax.jit(lambda w: apply_model(graphdef, w, stats, x, train=False)).lower(weights)
+        assert "rsqrt" in program().as_text()
+        with prestandardized():
+            assert "rsqrt" not in program().as_text()

@@ -6,8 +6,10 @@ float32; ``dtype`` is the compute dtype (bf16 on GPU/TPU, f32 on CPU).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import jax
@@ -115,6 +117,22 @@ def make_divisible(value: float, divisor: int, round_limit: float = 0.0) -> int:
 resolve_grouped_impl = lowering.resolve_impl  # the name models and tests have used since grouped convs
 conv2d = lowering.conv2d  # NHWC x HWIO convolution, lowered per backend (nfjax/models/lowering.py)
 
+# Set while a model whose WSConv kernels are already standardized is traced (see :func:`prestandardized`).
+_PRESTANDARDIZED: contextvars.ContextVar[bool] = contextvars.ContextVar("nfjax_prestandardized", default=False)
+
+
+@contextlib.contextmanager
+def prestandardized() -> Iterator[None]:
+    """While active, every WSConv traced takes its ``kernel`` param as the finished standardized kernel (gain
+    and gamma included) instead of standardizing it: for params from :func:`nfjax.steps.standardize_weights`,
+    which does the standardization once for inference rather than on every call. Like
+    :func:`nfjax.models.lowering.forced_lowering`, it applies to functions traced inside the block."""
+    token = _PRESTANDARDIZED.set(True)
+    try:
+        yield
+    finally:
+        _PRESTANDARDIZED.reset(token)
+
 
 def standardize_kernel(
     kernel: jax.Array,
@@ -165,7 +183,8 @@ class WSConv(nnx.Module):
     """Conv2D with scaled weight standardization (NF-ResNet / NFNet), a learnable gain and a bias.
 
     Parameters: ``kernel`` [kh, kw, in/groups, out] (variance scaling 1.0, fan_in, normal), ``gain`` [out] (1),
-    ``bias`` [out] (0). The kernel is standardized in float32 on every call, then cast to ``dtype``.
+    ``bias`` [out] (0). The kernel is standardized in float32 on every call, then cast to ``dtype`` (inside
+    :func:`prestandardized`, the ``kernel`` param is taken as already standardized).
     ``gamma`` folds an activation gamma into the kernel (timm's non-``dm_`` models); ``gain_init`` 0 makes a
     residual branch start silent without a SkipInit scalar (timm's ``skipinit=False`` layout);
     ``padding='symmetric'`` pads like PyTorch (see :func:`resolve_padding`).
@@ -213,7 +232,8 @@ class WSConv(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype or x.dtype
-        w = self.standardized_kernel().astype(dtype)
+        w = self.kernel[...] if _PRESTANDARDIZED.get() else self.standardized_kernel()
+        w = w.astype(dtype)
         y = conv2d(x.astype(dtype), w, self.strides, self.padding, self.groups, self.grouped_impl)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
