@@ -45,7 +45,7 @@ def export_model(model: InferenceModel, platforms: tuple[str, ...] | None = None
     (batch,) = jax.export.symbolic_shape("batch")
     spec = jax.ShapeDtypeStruct((batch, *model.input_shape), jnp.float32)
     with lowering.for_platforms(platforms):  # CPU lowerings only in an artifact for CPUs alone
-        return jax.export.export(jax.jit(model.logits), platforms=platforms)(spec)
+        return jax.export.export(jax.jit(model.serving_logits()), platforms=platforms)(spec)
 
 
 def contract(model: InferenceModel, artifact: str, **serialization: Any) -> dict[str, Any]:

@@ -130,6 +130,22 @@ class InferenceModel:
         """float32 [N, num_classes] logits of preprocessed images (weights closed over: traceable, exportable)."""
         return apply_model(self.experiment.graphdef, self.params, self.batch_stats, images, train=False)[0]
 
+    def serving_weights(self) -> tuple[dict, bool]:
+        """``(params, prestandardized)``: the weights as served, NF models' kernels standardized once
+        (:meth:`nfjax.experiment.Experiment.inference_weights`)."""
+        return self.experiment.inference_weights(self.params, self.batch_stats)
+
+    def serving_logits(self) -> Callable[[jax.Array], jax.Array]:
+        """:meth:`logits` over :meth:`serving_weights`, closed over: the function ``nfjax.export`` serializes, so
+        an artifact of an NF model computes no weight standardization when it serves."""
+        params, prestandardized = self.serving_weights()
+        graphdef, batch_stats = self.experiment.graphdef, self.batch_stats
+
+        def logits(images: jax.Array) -> jax.Array:
+            return apply_model(graphdef, params, batch_stats, images, train=False)[0]
+
+        return prestandardized_fn(logits) if prestandardized else logits
+
     def preprocessing_record(self) -> dict[str, Any]:
         """What a caller must do to a file before the model sees it (the eval pipeline, spelled out)."""
         data = self.experiment.cfg.data

@@ -24,7 +24,7 @@ import jax
 from nfjax.data.tf_lazy import import_tf
 from nfjax.inference import InferenceModel
 from nfjax.models import lowering
-from nfjax.steps import apply_model
+from nfjax.steps import apply_model, prestandardized_fn
 
 SIGNATURE = "serving_default"
 INPUT_NAME = "images"
@@ -48,12 +48,15 @@ def serving_module(model: InferenceModel, platforms: tuple[str, ...] | None = No
     """A ``tf.Module`` holding the weights as variables and a ``serve`` tf.function of the signature above.
     ``platforms``: those the StableHLO is lowered for (default: this machine's backend)."""
     tf, jax2tf = import_tensorflow()
-    weights = dict(params=model.params, batch_stats=model.batch_stats)
+    params, prestandardized = model.serving_weights()  # NF kernels standardized once, not in every call
+    weights = dict(params=params, batch_stats=model.batch_stats)
     leaves, treedef = jax.tree_util.tree_flatten(weights)
     graphdef = model.experiment.graphdef
 
     def logits_fn(weights, images):
         return apply_model(graphdef, weights["params"], weights["batch_stats"], images, train=False)[0]
+
+    logits_fn = prestandardized_fn(logits_fn) if prestandardized else logits_fn
 
     size, _, channels = model.input_shape
     converted = jax2tf.convert(

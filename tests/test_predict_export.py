@@ -287,3 +287,37 @@ def test_a_thousand_images_give_a_thousand_rows(weights_dir, tmp_path, capsys):
     rows = read_rows(out)
     assert len(rows) == 1000 and not any(r["error"] for r in rows) and len({r["path"] for r in rows}) == 1000
     assert "wrote 1000 predictions" in capsys.readouterr().err
+
+
+def test_nf_model_is_served_on_kernels_standardized_once(tmp_path, image_folder):
+    """An NF model's export and predict convolve with kernels standardized once (no rsqrt left in the served
+    program) and give the logits of the per-call standardization."""
+    from nfjax.inference import run_batches
+
+    abstract = nnx.eval_shape(lambda: create_model("nf_resnet_small", len(CLASSES), rngs=nnx.Rngs(0)))
+    _, params, _ = nnx.split(abstract, nnx.Param, nnx.BatchStat)
+    rng = np.random.RandomState(2)
+    draw = lambda x: (rng.standard_normal(x.shape) * (0.3 if x.ndim == 1 else 1) + (x.ndim == 1)).astype(np.float32)
+    params = jax.tree.map(draw, nnx.to_pure_dict(params))  # gains and biases away from 1 and 0
+    out = str(tmp_path / "weights")
+    prep = pt.preprocessing(SIZE, SIZE, resize="crop_pct", crop_pct=0.875)
+    weights = dict(params=params, batch_stats={})
+    pt.save_pretrained(
+        out,
+        model="nf_resnet_small",
+        model_kwargs={},
+        weights=weights,
+        source=dict(kind="test"),
+        prep=prep,
+        class_names=CLASSES,
+    )
+    model = load_inference_model(out)
+    files = [str(p) for p in sorted(image_folder.rglob("img*"))[:3]]
+    x = model.preprocess([read_image(f, 3) for f in files])
+    expected = np.asarray(model.logits(x))  # standardizes in the call
+    exported = export.export_model(model)
+    tolerance = 1e-5 * np.abs(expected).max()  # float rounding: the kernels are computed in another program
+    np.testing.assert_allclose(np.asarray(exported.call(x)), expected, rtol=0, atol=tolerance)
+    assert "rsqrt" not in exported.mlir_module() and "rsqrt" in jax.jit(model.logits).lower(x).as_text()
+    probs = np.stack([p.probs for p in run_batches(model, files, batch=2)])
+    np.testing.assert_allclose(probs, np.asarray(jax.nn.softmax(expected)), rtol=1e-5, atol=1e-6)
