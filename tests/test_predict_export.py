@@ -321,3 +321,7 @@ def test_nf_model_is_served_on_kernels_standardized_once(tmp_path, image_folder)
     assert "rsqrt" not in exported.mlir_module() and "rsqrt" in jax.jit(model.logits).lower(x).as_text()
     probs = np.stack([p.probs for p in run_batches(model, files, batch=2)])
     np.testing.assert_allclose(probs, np.asarray(jax.nn.softmax(expected)), rtol=1e-5, atol=1e-6)
+    from nfjax.saved_model import serving_module  # the SavedModel's function, with its weights as variables
+
+    served = serving_module(model).serve(images=x)["logits"].numpy()
+    np.testing.assert_allclose(served, expected, rtol=0, atol=tolerance)
