@@ -34,7 +34,7 @@ def standardizes_weights(graphdef, params, batch_stats) -> bool:
     """Whether the model has weight-standardized convolutions (WSConv): every NF model, no BN model. The
     leaves may be abstract (``jax.ShapeDtypeStruct``)."""
     model = nnx.merge(graphdef, params, batch_stats)
-    return any(isinstance(module, WSConv) for _, module in model.iter_modules())
+    return any(isinstance(module, WSConv) for _, module in nnx.iter_modules(model))
 
 
 def standardize_weights(graphdef, params, batch_stats) -> dict:
@@ -43,7 +43,7 @@ def standardize_weights(graphdef, params, batch_stats) -> dict:
     of in every call: apply the model to the result only inside :func:`nfjax.models.layers.prestandardized`
     (outside it, the kernels would be standardized a second time). See :func:`prestandardized_fn`."""
     model = nnx.merge(graphdef, params, batch_stats)
-    for _, module in model.iter_modules():
+    for _, module in nnx.iter_modules(model):
         if isinstance(module, WSConv):
             module.kernel[...] = module.standardized_kernel()
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
