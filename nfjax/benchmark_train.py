@@ -186,13 +186,14 @@ def timm_runner(args, name: str) -> Runner:
 
     timm = import_timm()
     adaptive_clip_grad = timm.utils.adaptive_clip_grad
+    device = torch_device(args, torch)
     torch.set_num_threads(cpu_cores())
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, num_classes=1000).train(args.step == "train")
-    x = torch.randn(args.batch, 3, args.image_size, args.image_size)
+    model = timm.create_model(name, pretrained=False, num_classes=1000).train(args.step == "train").to(device)
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
     if args.channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (args.batch,))
+    y = torch.randint(0, 1000, (args.batch,), device=device)
     head = {id(p) for p in model.get_classifier().parameters()}
     clipped = [p for p in model.parameters() if id(p) not in head]
     groups = [
@@ -200,7 +201,7 @@ def timm_runner(args, name: str) -> Runner:
         dict(params=[p for p in model.parameters() if p.ndim < 2], weight_decay=0.0),
     ]
     opt = torch.optim.SGD(groups, lr=0.1 * args.batch / 256, momentum=0.9, nesterov=True)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
     def train_step() -> float:
         opt.zero_grad(set_to_none=True)
@@ -219,10 +220,25 @@ def timm_runner(args, name: str) -> Runner:
             _ = (hits[:, 0].sum().item(), hits.any(-1).sum().item())  # top-1 and top-5 counts, as nfjax sums
         return float(loss) / args.batch
 
-    run_step = train_step if args.step == "train" else eval_step
+    run_step = train_step if args.step == "train" else eval_step  # .item() waits for the device
     start = time.perf_counter()
     run_step()  # eager: the first step plays the part of compilation (allocations, oneDNN primitive caches)
-    return Runner(f"timm {name}", run_step, dict(init_s=0.0, compile_s=time.perf_counter() - start))
+    label = f"timm {name}" + (f" ({device})" if device != "cpu" else "")
+    card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    return Runner(label, run_step, dict(init_s=0.0, compile_s=time.perf_counter() - start, device=card))
+
+
+def torch_device(args, torch) -> str:
+    """PyTorch's device for the comparison: ``--torch-device``, where 'auto' is 'cuda' when JAX runs on a GPU and
+    PyTorch sees one too (the same kind of device on both sides), else 'cpu'."""
+    import jax
+
+    choice = getattr(args, "torch_device", "auto")
+    if choice == "cuda" and not torch.cuda.is_available():
+        args.error("--torch-device cuda: this PyTorch sees no GPU (a CPU build, or no driver); use cpu or auto")
+    if choice == "auto":
+        return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    return choice
 
 
 def _finish_row(row: dict, batch: int, train_gflop: float) -> dict:
@@ -294,6 +310,13 @@ def benchmark_train(args: argparse.Namespace) -> dict:
     if args.model not in MODELS:
         args.error(f"unknown model {args.model!r}; valid names: {', '.join(list_models())}")
     check_counts(args, ("batch", "image_size", "steps", "rounds"))
+    if args.compare == "timm" and getattr(args, "torch_device", "auto") != "auto":
+        try:
+            import torch
+        except ImportError:
+            pass  # compare_timm says how to install it
+        else:
+            torch_device(args, torch)  # --torch-device cuda without a GPU fails here, before any compilation
     load_before = os.getloadavg()[0]
     dtype = {"dtype": jnp.bfloat16} if args.dtype == "bfloat16" else {}
     macs = count_macs(abstract_model(args.model, num_classes=1000, **dtype), args.image_size)
@@ -317,6 +340,7 @@ def benchmark_train(args: argparse.Namespace) -> dict:
         rounds=args.rounds,
         warmup=args.warmup,
         backend=jax.default_backend(),
+        device=jax.devices()[0].device_kind,  # the card (or 'cpu') that gave nfjax's numbers
         cores=cpu_cores(),
         load_avg_before=load_before,
         load_avg_after=os.getloadavg()[0],
@@ -337,7 +361,8 @@ def format_report(report: dict) -> str:
     lines = [
         f"{report['step']} step: {report['model']} {report['image_size']}px batch {report['batch']} "
         f"{report['dtype']}, {lowering}; {report['forward_gmacs_per_image']:.2f} GMACs/image forward, "
-        f"{report['train_gflop_per_step']:.1f} GFLOP/step ({times_forward} forward); backend {report['backend']}, "
+        f"{report['train_gflop_per_step']:.1f} GFLOP/step ({times_forward} forward); backend {report['backend']} "
+        f"({report['device']}), "
         f"{report['cores']} cores, load average "
         f"{report['load_avg_before']:.2f} -> {report['load_avg_after']:.2f}; median of {report['rounds']} x "
         f"{report['steps']} steps{alternated} after {report['warmup']} warm-up",
@@ -399,5 +424,11 @@ def add_train_parser(subparsers) -> None:
     )
     parser.add_argument("--compare", default=None, choices=["timm"], help="also time the PyTorch/timm step")
     parser.add_argument("--channels-last", action="store_true", help="PyTorch: channels-last memory format")
+    parser.add_argument(
+        "--torch-device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="PyTorch's device; auto = cuda when JAX runs on a GPU and PyTorch sees one, else cpu",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(run=benchmark_train, error=parser.error)

@@ -159,3 +159,26 @@ def test_missing_matplotlib_stops_with_the_install_command(driver, monkeypatch, 
     message = str(exit_info.value.code)  # SystemExit(str): Python prints it alone, exit status 1, no traceback
     assert "matplotlib is not installed" in message and PLOTS_INSTALL_HINT in message
     assert not os.path.exists(tmp_path / "out")  # stopped before measuring anything
+
+
+def test_gpu_targets_sets_the_trainer_against_the_bare_step(tmp_path):
+    """scripts/gpu_targets.py (made for an accelerator) on a tiny model on CPU: its report's numbers and ratio."""
+    import statistics
+
+    import jax
+
+    from helpers import ROOT
+
+    targets = load_script("gpu_targets")
+    out, workdir = tmp_path / "report.json", tmp_path / "run"
+    argv = ["--model", "nf_resnet_small", "--config", str(ROOT / "configs" / "nf_resnet50.py"), "--image-size", "16"]
+    argv += ["--batch", "8", "--dtype", "float32", "--steps", "1", "--warmup", "1", "--train-steps", "30"]
+    assert targets.main(argv + ["--log-every", "10", "--no-timm", "--workdir", str(workdir), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["jax_device"] == jax.devices()[0].device_kind and report["timm_img_per_s"] is None
+    intervals = report["trainer_intervals_img_per_s"]
+    assert len(intervals) == 3 and report["trainer_img_per_s"] == statistics.median(intervals[1:])
+    ratio = report["trainer_img_per_s"] / report["bare_step_img_per_s"]
+    assert report["trainer_over_bare"] == pytest.approx(ratio) and ratio > 0
+    assert report["trainer_target_met"] == (ratio >= 0.9)
+    assert json.loads((workdir / "final_metrics.json").read_text())["finished"]
