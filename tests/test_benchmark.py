@@ -4,6 +4,7 @@ the parts of the grain comparison that run without grain."""
 import json
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -198,3 +199,23 @@ def test_data_benchmark_sizes_that_cannot_run_are_one_line(monkeypatch, capsys, 
         main(["data", *flags])
     assert exit_info.value.code == 2  # usage and one error line, as `benchmark train` and `memory` give
     assert message in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_torch_device_follows_jax_and_refuses_a_missing_gpu():
+    from types import SimpleNamespace
+
+    from nfjax.benchmark_train import torch_device
+
+    def args(choice):
+        def error(message):
+            raise SystemExit(message)
+
+        return SimpleNamespace(torch_device=choice, error=error)
+
+    torch_with = lambda gpu: SimpleNamespace(cuda=SimpleNamespace(is_available=lambda: gpu))
+    assert jax.default_backend() == "cpu"
+    assert torch_device(args("auto"), torch_with(True)) == "cpu"  # JAX on the CPU: timm on the CPU too
+    assert torch_device(args("cuda"), torch_with(True)) == "cuda"
+    assert torch_device(args("cpu"), torch_with(False)) == "cpu"
+    with pytest.raises(SystemExit, match="sees no GPU"):
+        torch_device(args("cuda"), torch_with(False))
