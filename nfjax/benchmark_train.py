@@ -73,8 +73,8 @@ def build_jax_step(name: str, image_size: int, batch: int, dtype: str, step: str
     exp, state, data = build_benchmark_experiment(name, image_size, batch, dtype)
     if step == "train":
         return exp.train_step(), state, data
-    weights, prestandardized = exp.inference_weights(state["params"], state.get("batch_stats", {}))
-    return exp.tta_eval_step("none", False, prestandardized), dict(state, params=weights), data
+    weights = exp.inference_weights(state["params"], state.get("batch_stats", {}))
+    return exp.tta_eval_step("none", False, exp.prestandardized), dict(state, params=weights), data
 
 
 def _progress(label: str, index: int, total: int, phase: str, seconds: float) -> None:
@@ -233,7 +233,7 @@ def torch_device(args, torch) -> str:
     PyTorch sees one too (the same kind of device on both sides), else 'cpu'."""
     import jax
 
-    choice = getattr(args, "torch_device", "auto")
+    choice = args.torch_device
     if choice == "cuda" and not torch.cuda.is_available():
         args.error("--torch-device cuda: this PyTorch sees no GPU (a CPU build, or no driver); use cpu or auto")
     if choice == "auto":
@@ -310,7 +310,7 @@ def benchmark_train(args: argparse.Namespace) -> dict:
     if args.model not in MODELS:
         args.error(f"unknown model {args.model!r}; valid names: {', '.join(list_models())}")
     check_counts(args, ("batch", "image_size", "steps", "rounds"))
-    if args.compare == "timm" and getattr(args, "torch_device", "auto") != "auto":
+    if args.compare == "timm" and args.torch_device == "cuda":
         try:
             import torch
         except ImportError:

@@ -332,7 +332,8 @@ class Experiment:
         """The jitted eval step with test-time augmentation ``tta`` (see :func:`nfjax.steps.make_eval_step`).
         ``with_probs``: it also returns every example's softmax probabilities, label and mask, replicated on
         every device and host (``--roc-auc`` ranks the whole split on the host). ``prestandardized``: the step
-        takes params from :meth:`inference_weights` (weight standardization done once per set of weights)."""
+        takes params from :meth:`inference_weights` (weight standardization done once per set of weights; pass
+        :attr:`prestandardized`)."""
         key = (tta, with_probs, prestandardized)
         if key not in self._eval_steps:
             step = make_eval_step(self.graphdef, make_loss_fn("softmax_xent"), tta, with_probs)
@@ -343,23 +344,23 @@ class Experiment:
         return self._eval_steps[key]
 
     @functools.cached_property
-    def _standardize(self) -> Callable[[dict, dict], dict] | None:
-        """The jitted :func:`nfjax.steps.standardize_weights` of this model; None when it has no weight
-        standardization (BN models)."""
-        if not standardizes_weights(*self._abstract_model):
-            return None
+    def prestandardized(self) -> bool:
+        """Whether inference takes this model's weights standardized once (:meth:`inference_weights`): the model
+        has weight-standardized convolutions (every NF model, no BN model)."""
+        return standardizes_weights(*self._abstract_model)
+
+    @functools.cached_property
+    def _standardize(self) -> Callable[[dict, dict], dict]:
+        """The jitted :func:`nfjax.steps.standardize_weights` of this model."""
         fn = functools.partial(standardize_weights, self.graphdef)
         return jax.jit(fn, compiler_options=lowering.compiler_options())
 
-    def inference_weights(self, params: dict, batch_stats: dict) -> tuple[dict, bool]:
-        """``(weights, prestandardized)``: for NF models, ``params`` with every convolution kernel standardized
-        once (:func:`nfjax.steps.standardize_weights`), for the steps built with ``prestandardized=True``;
-        BN models' ``params`` as they are (False). Saves evaluation the standardization of every kernel in every
-        batch (NFNet-F0 at batch 8 on a 2-core CPU: 7% of the eval step, docs/performance.md)."""
-        standardize = self._standardize
-        if standardize is None:
-            return params, False
-        return standardize(params, batch_stats), True
+    def inference_weights(self, params: dict, batch_stats: dict) -> dict:
+        """The params as the steps built with ``prestandardized=`` :attr:`prestandardized` take them: for NF
+        models every convolution kernel standardized once (:func:`nfjax.steps.standardize_weights`), BN models'
+        params as they are. Saves evaluation the standardization of every kernel in every batch (NFNet-F0 at
+        batch 8 on a 2-core CPU: 7% of the eval step, docs/performance.md)."""
+        return self._standardize(params, batch_stats) if self.prestandardized else params
 
     def evaluate_split(
         self, params: dict, batch_stats: dict, tta: str = "none", roc_auc: bool = False
@@ -375,8 +376,8 @@ class Experiment:
         if roc_auc:
             check_roc_auc_size(self.info.num_classes, self.info.num_eval_examples)
         # An unknown mode fails here, before any data is read; NF kernels are then standardized once, not per batch.
-        step = self.tta_eval_step(tta, roc_auc, prestandardized=self._standardize is not None)
-        params, _ = self.inference_weights(params, batch_stats)
+        step = self.tta_eval_step(tta, roc_auc, self.prestandardized)
+        params = self.inference_weights(params, batch_stats)
         global_batch = self.cfg.train.eval_batch or self.cfg.train.global_batch
         sums: dict[str, Any] = {}
         scores, labels = [], []

@@ -130,21 +130,20 @@ class InferenceModel:
         """float32 [N, num_classes] logits of preprocessed images (weights closed over: traceable, exportable)."""
         return apply_model(self.experiment.graphdef, self.params, self.batch_stats, images, train=False)[0]
 
-    def serving_weights(self) -> tuple[dict, bool]:
-        """``(params, prestandardized)``: the weights as served, NF models' kernels standardized once
+    def serving_weights(self) -> dict:
+        """The params as served, NF models' kernels standardized once
         (:meth:`nfjax.experiment.Experiment.inference_weights`)."""
         return self.experiment.inference_weights(self.params, self.batch_stats)
 
     def serving_logits(self) -> Callable[[jax.Array], jax.Array]:
         """:meth:`logits` over :meth:`serving_weights`, closed over: the function ``nfjax.export`` serializes, so
         an artifact of an NF model computes no weight standardization when it serves."""
-        params, prestandardized = self.serving_weights()
-        graphdef, batch_stats = self.experiment.graphdef, self.batch_stats
+        params, graphdef, batch_stats = self.serving_weights(), self.experiment.graphdef, self.batch_stats
 
         def logits(images: jax.Array) -> jax.Array:
             return apply_model(graphdef, params, batch_stats, images, train=False)[0]
 
-        return prestandardized_fn(logits) if prestandardized else logits
+        return prestandardized_fn(logits) if self.experiment.prestandardized else logits
 
     def preprocessing_record(self) -> dict[str, Any]:
         """What a caller must do to a file before the model sees it (the eval pipeline, spelled out)."""
@@ -197,15 +196,13 @@ def find_images(folder: str) -> list[str]:
     return found
 
 
-def make_probs_fn(
-    model: InferenceModel, tta: str = "none", prestandardized: bool = False
-) -> Callable[[dict, dict, jax.Array], jax.Array]:
-    """A jitted (params, batch_stats, images) -> softmax probabilities [N, classes]; images float32
+def make_probs_fn(model: InferenceModel, tta: str = "none") -> Callable[[dict, dict, jax.Array], jax.Array]:
+    """A jitted (params, batch_stats, images) -> softmax probabilities [N, classes]; params from
+    :meth:`InferenceModel.serving_weights` (NF models: standardized once); images float32
     [N, S, S, C], or [N, 5, S, S, C] (:meth:`InferenceModel.preprocess` with crops) for the crop modes.
     'none': softmax(model(x)). Otherwise p = (1/V) sum_v softmax(model(x_v)), the mean of the softmax
     probabilities (not of the logits) over V views: 'flip' x and its mirror (width axis reversed), V = 2;
-    'crops5' the five crops, V = 5; 'flip+crops5' the five crops and their mirrors, V = 10.
-    ``prestandardized``: params from :meth:`nfjax.experiment.Experiment.inference_weights`."""
+    'crops5' the five crops, V = 5; 'flip+crops5' the five crops and their mirrors, V = 10."""
     model.check_tta(tta)
     graphdef = model.experiment.graphdef
 
@@ -217,7 +214,7 @@ def make_probs_fn(
         views = with_flips(views) if tta.startswith("flip") else views
         return jnp.exp(mean_view_log_probs(logits_fn, views))
 
-    probs = prestandardized_fn(probs) if prestandardized else probs
+    probs = prestandardized_fn(probs) if model.experiment.prestandardized else probs
     return jax.jit(probs, compiler_options=lowering.compiler_options())
 
 
@@ -238,10 +235,8 @@ def run_batches(
     i+1 is read while batch i runs. ``on_batch(files)`` is called after each batch is done."""
     if batch < 1:
         raise ValueError(f"--batch must be at least 1, got {batch}")
-    model.check_tta(tta)
-    # Weight standardization once for all the batches, not in each (NF models).
-    weights, prestandardized = model.experiment.inference_weights(model.params, model.batch_stats)
-    probs_fn = make_probs_fn(model, tta, prestandardized)
+    probs_fn = make_probs_fn(model, tta)  # an unknown mode fails here, before any file is read
+    weights = model.serving_weights()  # NF models: standardized once for all the batches, not in each
     crops = tta in CROP_TTA_MODES
     pending = None  # (chunk results, device probabilities) of the batch in flight
     for start in range(0, len(paths), batch):

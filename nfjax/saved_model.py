@@ -48,15 +48,14 @@ def serving_module(model: InferenceModel, platforms: tuple[str, ...] | None = No
     """A ``tf.Module`` holding the weights as variables and a ``serve`` tf.function of the signature above.
     ``platforms``: those the StableHLO is lowered for (default: this machine's backend)."""
     tf, jax2tf = import_tensorflow()
-    params, prestandardized = model.serving_weights()  # NF kernels standardized once, not in every call
-    weights = dict(params=params, batch_stats=model.batch_stats)
+    weights = dict(params=model.serving_weights(), batch_stats=model.batch_stats)  # NF kernels standardized once
     leaves, treedef = jax.tree_util.tree_flatten(weights)
     graphdef = model.experiment.graphdef
 
     def logits_fn(weights, images):
         return apply_model(graphdef, weights["params"], weights["batch_stats"], images, train=False)[0]
 
-    logits_fn = prestandardized_fn(logits_fn) if prestandardized else logits_fn
+    logits_fn = prestandardized_fn(logits_fn) if model.experiment.prestandardized else logits_fn
 
     size, _, channels = model.input_shape
     converted = jax2tf.convert(

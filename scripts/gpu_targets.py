@@ -62,8 +62,6 @@ def trainer_speed(workdir: str) -> tuple[float, list[float]]:
 
 
 def run(args) -> dict:
-    import jax
-
     from nfjax.benchmark import main as benchmark
 
     argv = ["train", "--model", args.model, "--image-size", str(args.image_size), "--batch", str(args.batch)]
@@ -78,18 +76,19 @@ def run(args) -> dict:
     rows = {row["impl"]: row for row in bare["rows"]}
     nfjax_row = rows["nfjax"]
     timm_row = next((row for name, row in rows.items() if name.startswith("timm")), None)
+    ratio = trainer / nfjax_row["img_per_s"]
     report = dict(
         model=args.model,
         image_size=args.image_size,
         batch=args.batch,
         dtype=args.dtype,
-        jax_device=jax.devices()[0].device_kind,
+        jax_device=bare["device"],
         bare_step_img_per_s=nfjax_row["img_per_s"],
         trainer_img_per_s=trainer,
         trainer_intervals_img_per_s=intervals,
-        trainer_over_bare=trainer / nfjax_row["img_per_s"],
+        trainer_over_bare=ratio,
         trainer_target=TARGET,
-        trainer_target_met=trainer / nfjax_row["img_per_s"] >= TARGET,
+        trainer_target_met=ratio >= TARGET,
         timm_img_per_s=timm_row["img_per_s"] if timm_row else None,
         timm_device=timm_row.get("device") if timm_row else None,
         nfjax_over_timm=bare["nfjax_over_timm"],

@@ -207,13 +207,14 @@ def phase_functions(exp, state, batch) -> dict:
         return jnp.mean(xent(logits, batch["label"]))
 
     grads = jax.jit(jax.grad(loss))(state["params"])
-    weights, prestandardized = exp.inference_weights(state["params"], stats)  # as evaluation runs it
+    weights = exp.inference_weights(state["params"], stats)  # as evaluation runs it
+    eval_step = exp.tta_eval_step("none", False, exp.prestandardized)
     return {
         "forward (train mode) + loss": (jax.jit(loss), (state["params"],)),
         "forward + backward": (jax.jit(jax.value_and_grad(loss)), (state["params"],)),
         "optimizer (AGC, decay, SGD-Nesterov)": (jax.jit(exp.optimizer.apply), (state, grads)),
         "whole train step": (undonated_train_step(exp), (state, batch)),
-        "eval step (inference forward)": (exp.tta_eval_step("none", False, prestandardized), (weights, stats, batch)),
+        "eval step (inference forward)": (eval_step, (weights, stats, batch)),
     }
 
 

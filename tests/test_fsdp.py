@@ -170,8 +170,8 @@ def test_a_checkpoint_written_under_fsdp_restores(fsdp_run, tmp_path):
 def test_weights_standardized_for_evaluation_keep_the_fsdp_layout(fsdp_run):
     """Evaluation's copy of the weights (kernels standardized once) is split like the params, not gathered."""
     exp, state, _ = fsdp_run
-    weights, prestandardized = exp.inference_weights(state["params"], state.get("batch_stats", {}))
-    assert prestandardized
+    weights = exp.inference_weights(state["params"], state.get("batch_stats", {}))
+    assert exp.prestandardized
     split = 0
     for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(weights), strict=True):
         assert b.sharding.is_equivalent_to(a.sharding, a.ndim), (a.shape, a.sharding, b.sharding)
