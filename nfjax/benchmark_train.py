@@ -303,13 +303,15 @@ def benchmark_train(args: argparse.Namespace) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from nfjax.models import MODELS, list_models
-    from nfjax.models.lowering import forced_lowering, resolve_impl
+    from nfjax.models import MODELS, list_models, onednn
+    from nfjax.models.lowering import forced_lowering, on_devices, resolve_impl
     from nfjax.models.summary import abstract_model, count_macs
 
     if args.model not in MODELS:
         args.error(f"unknown model {args.model!r}; valid names: {', '.join(list_models())}")
     check_counts(args, ("batch", "image_size", "steps", "rounds"))
+    if args.lowering == "onednn" and not onednn.available():
+        args.error(f"--lowering onednn: oneDNN's convolutions are unavailable here: {onednn.unavailable_reason()}")
     if args.compare == "timm" and args.torch_device == "cuda":
         try:
             import torch
@@ -328,7 +330,7 @@ def benchmark_train(args: argparse.Namespace) -> dict:
     time_rounds(runners, args)
     rows = [_finish_row(runner.row(), args.batch, step_gflop) for runner in runners]
     with forced_lowering(None if args.lowering == "auto" else args.lowering):
-        lowering = resolve_impl("auto")
+        lowering = on_devices(resolve_impl, 1)("auto")  # the benchmark's step runs on one device
     report = dict(
         model=args.model,
         step=args.step,
@@ -336,6 +338,7 @@ def benchmark_train(args: argparse.Namespace) -> dict:
         batch=args.batch,
         dtype=args.dtype,
         lowering=lowering,
+        onednn=onednn.version() if lowering == "onednn" else None,
         steps=args.steps,
         rounds=args.rounds,
         warmup=args.warmup,
@@ -355,7 +358,11 @@ def benchmark_train(args: argparse.Namespace) -> dict:
 
 
 def format_report(report: dict) -> str:
-    lowering = {"split": "CPU lowerings", "native": "native XLA ops"}[report["lowering"]]
+    lowering = {
+        "split": "CPU lowerings",
+        "onednn": f"CPU lowerings, oneDNN {report.get('onednn')} convolutions",
+        "native": "native XLA ops",
+    }[report["lowering"]]
     times_forward = "3x" if report["step"] == "train" else "1x"
     alternated = " (implementations alternated by round)" if report["rounds"] > 1 and len(report["rows"]) > 1 else ""
     lines = [
@@ -417,10 +424,11 @@ def add_train_parser(subparsers) -> None:
     parser.add_argument(
         "--lowering",
         default="auto",
-        choices=["auto", "native", "split"],
+        choices=["auto", "native", "split", "onednn"],
         help="nfjax op lowerings: split = the CPU forms (grouped convs per group, 1x1 convs as dots, max-pool "
-        "gradient as masks, BatchNorm's closed-form backward), native = XLA's ops; auto = split on CPU, native "
-        "elsewhere",
+        "gradient as masks, BatchNorm's closed-form backward), onednn = the same with every float32 convolution "
+        "by oneDNN, native = XLA's ops; auto = onednn on a one-device CPU where oneDNN builds, else split on "
+        "CPU, native elsewhere",
     )
     parser.add_argument("--compare", default=None, choices=["timm"], help="also time the PyTorch/timm step")
     parser.add_argument("--channels-last", action="store_true", help="PyTorch: channels-last memory format")

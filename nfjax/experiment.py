@@ -313,6 +313,7 @@ class Experiment:
         shardings, batch = self.state_spec.shardings, parallel.batch_sharding(self.mesh)
         out = (shardings, parallel.replicated(self.mesh))  # the state stays in its layout: donation reuses it
         options = lowering.compiler_options()
+        step = lowering.on_devices(step, self.mesh.size)
         return jax.jit(
             step, in_shardings=(shardings, batch), out_shardings=out, donate_argnums=0, compiler_options=options
         )
@@ -340,6 +341,7 @@ class Experiment:
             step = prestandardized_fn(step) if prestandardized else step
             shardings = parallel.replicated(self.mesh) if with_probs else None
             options = lowering.compiler_options()
+            step = lowering.on_devices(step, self.mesh.size)
             self._eval_steps[key] = jax.jit(step, out_shardings=shardings, compiler_options=options)
         return self._eval_steps[key]
 

@@ -215,6 +215,7 @@ def make_probs_fn(model: InferenceModel, tta: str = "none") -> Callable[[dict, d
         return jnp.exp(mean_view_log_probs(logits_fn, views))
 
     probs = prestandardized_fn(probs) if model.experiment.prestandardized else probs
+    probs = lowering.on_devices(probs, model.experiment.mesh.size)
     return jax.jit(probs, compiler_options=lowering.compiler_options())
 
 

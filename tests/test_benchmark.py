@@ -22,6 +22,7 @@ from nfjax.benchmark_memory import format_memory_report
 from nfjax.benchmark_train import timm_name
 from nfjax.data import augment
 from nfjax.data.tf_lazy import import_tf
+from nfjax.models import onednn
 
 
 def test_train_benchmark_json_report(capsys):
@@ -30,7 +31,10 @@ def test_train_benchmark_json_report(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report == json.loads(json.dumps(result))
     assert (report["model"], report["image_size"], report["batch"]) == ("nf_resnet_small", 32, 8)
-    assert report["lowering"] == ("split" if report["backend"] == "cpu" else "native")  # auto: per backend
+    # auto: per backend; on CPU oneDNN's convolutions where they load (the step runs on one device)
+    on_cpu = "onednn" if onednn.available() else "split"
+    assert report["lowering"] == (on_cpu if report["backend"] == "cpu" else "native")
+    assert report["onednn"] == (onednn.version() if report["lowering"] == "onednn" else None)
     assert report["nfjax_over_timm"] is None
     (row,) = report["rows"]
     assert row["impl"] == "nfjax"

@@ -69,7 +69,7 @@ class BatchNorm(nnx.Module):
         dtype = self.dtype or x.dtype
         x32 = x.astype(jnp.float32)
         ghost = 0 < self.ghost_batch_size < x32.shape[0]
-        if train and not ghost and lowering.resolve_impl("auto") == "split":
+        if train and not ghost and lowering.cpu_forms():
             # The same normalization with a closed-form backward (nfjax/models/lowering.py): faster on CPU.
             y, mean, var = lowering.batch_norm_train(x32, self.scale[...], self.bias[...], self.eps)
             self._update_running(mean, var, math.prod(x32.shape[:-1]))

@@ -154,7 +154,7 @@ def standardize_kernel(
     w = kernel.astype(jnp.float32)
     gain = jnp.ones(w.shape[-1:], jnp.float32) if gain is None else gain.astype(jnp.float32)  # x * 1 is exact
     # the CPU form has the same forward, with a closed-form backward
-    form = lowering.standardize_kernel if lowering.resolve_impl(impl) == "split" else lowering.standardize_plain
+    form = lowering.standardize_kernel if lowering.cpu_forms(impl) else lowering.standardize_plain
     return form(w, gain, eps, eps_mode == "floor", gamma)
 
 

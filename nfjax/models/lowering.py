@@ -38,20 +38,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nfjax.models import onednn
+
 Padding = str | Sequence[tuple[int, int]]
-ConvImpl = Literal["auto", "native", "split"]
+ConvImpl = Literal["auto", "native", "split", "onednn"]
+LOWERINGS = ("native", "split", "onednn")
 
 # Overrides what 'auto' means while a function is traced (benchmarks compare the lowerings on one backend).
 _AUTO_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("nfjax_lowering", default=None)
+# How many devices the program being traced runs on, where its builder knows (None: every device of the process).
+_PROGRAM_DEVICES: contextvars.ContextVar[int | None] = contextvars.ContextVar("nfjax_program_devices", default=None)
 
 
 @contextlib.contextmanager
-def forced_lowering(impl: Literal["native", "split"] | None):
+def forced_lowering(impl: Literal["native", "split", "onednn"] | None):
     """While active, ``impl='auto'`` resolves to ``impl`` (None: per backend). Applies to functions traced
     inside the block: wrap the first call of a jitted function, which is when it is traced (a function jitted
     and traced before keeps the lowering it was traced with: JAX's jit cache does not see this setting)."""
-    if impl not in (None, "native", "split"):
-        raise ValueError(f"lowering must be 'native' or 'split' (the CPU lowerings), got {impl!r}")
+    if impl not in (None, *LOWERINGS):
+        raise ValueError(
+            f"lowering must be 'native', 'split' (the CPU lowerings) or 'onednn' (the CPU lowerings with oneDNN's "
+            f"convolutions), got {impl!r}"
+        )
     token = _AUTO_OVERRIDE.set(impl)
     try:
         yield
@@ -67,16 +75,53 @@ def for_platforms(platforms: Sequence[str] | None):
     return forced_lowering("split" if all(p == "cpu" for p in platforms) else "native")
 
 
-def resolve_impl(impl: ConvImpl) -> Literal["native", "split"]:
-    """'auto' -> 'split' (the CPU lowerings of this module) on the CPU backend, 'native' elsewhere."""
+def resolve_impl(impl: ConvImpl) -> Literal["native", "split", "onednn"]:
+    """'auto' -> on the CPU backend the CPU lowerings of this module, with oneDNN's convolutions ('onednn')
+    when they are available and the process has one device, with XLA's ('split') otherwise; 'native'
+    elsewhere. An explicit 'onednn' that cannot be loaded raises :class:`nfjax.models.onednn.OnednnUnavailable`."""
     if impl == "auto":
         forced = _AUTO_OVERRIDE.get()
         if forced is not None:
-            return forced  # type: ignore[return-value]
-        return "split" if jax.default_backend() == "cpu" else "native"
-    if impl not in ("native", "split"):
-        raise ValueError(f"conv impl must be 'auto', 'native' or 'split', got {impl!r}")
+            impl = forced  # type: ignore[assignment]
+        elif jax.default_backend() != "cpu":
+            return "native"
+        else:
+            return "onednn" if onednn_by_default() else "split"
+    if impl not in LOWERINGS:
+        raise ValueError(f"conv impl must be 'auto', 'native', 'split' or 'onednn', got {impl!r}")
+    if impl == "onednn":
+        onednn.require()
     return impl
+
+
+def cpu_forms(impl: ConvImpl = "auto") -> bool:
+    """Whether ``impl`` resolves to this module's CPU lowerings ('split' or 'onednn')."""
+    return resolve_impl(impl) != "native"
+
+
+def onednn_by_default() -> bool:
+    """Whether 'auto' on the CPU backend takes oneDNN's convolutions: when they load, and the program being
+    traced runs on one device (:func:`on_devices`; without it, when the process has one device). The custom calls
+    are not partitioned: over several devices XLA would gather each one's operands onto every device, so such
+    programs keep XLA's convolutions."""
+    devices = _PROGRAM_DEVICES.get()
+    return (devices if devices is not None else jax.device_count()) == 1 and onednn.available()
+
+
+def on_devices(fn, count: int):
+    """``fn`` traced knowing that its program runs on ``count`` devices (a mesh's size): 'auto' then takes
+    oneDNN's convolutions for a one-device program even in a process with several devices. Wrap the function
+    before ``jax.jit``; the setting is read while the function is traced."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        token = _PROGRAM_DEVICES.set(count)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _PROGRAM_DEVICES.reset(token)
+
+    return wrapped
 
 
 # XLA:CPU's YNNPACK fusions by default (jaxlib 0.10): reductions, single dots and single convolutions. Without
@@ -104,7 +149,7 @@ def compiler_options(impl: ConvImpl = "auto") -> dict[str, str] | None:
     the user's in ``XLA_FLAGS`` (``--xla_cpu_experimental_ynn_fusion_type=...``) wins: None then too."""
     if _YNN_OPTION in os.environ.get("XLA_FLAGS", ""):
         return None
-    if resolve_impl(impl) != "split" or jax.default_backend() != "cpu" or not _ynn_option_supported():
+    if not cpu_forms(impl) or jax.default_backend() != "cpu" or not _ynn_option_supported():
         return None
     return {_YNN_OPTION: _YNN_WITHOUT_CONVOLUTIONS}
 
@@ -127,7 +172,10 @@ def conv2d(
     uses input channel block g (``feature_group_count``'s grouping), so every lowering gives the same result."""
     dn = ("NHWC", "HWIO", "NHWC")
     strides = tuple(strides)
-    if resolve_impl(impl) == "native":
+    impl = resolve_impl(impl)
+    if impl == "onednn" and onednn.supports(x, kernel):
+        return onednn.conv2d(x, kernel, strides, padding, groups)
+    if impl == "native":
         return jax.lax.conv_general_dilated(
             x, kernel, strides, padding, dimension_numbers=dn, feature_group_count=groups
         )
@@ -228,7 +276,7 @@ _max_pool_slices.defvjp(_max_pool_fwd, _max_pool_bwd)
 def max_pool_3x3_s2(x: jax.Array, padding: Padding = "SAME", impl: ConvImpl = "auto") -> jax.Array:
     """3x3 stride-2 max pool over NHWC. ``padding``: 'SAME' (Haiku/TF), 'VALID' or ((top, bottom), (left,
     right)) (torchvision: ((1, 1), (1, 1))); padded pixels never win."""
-    if resolve_impl(impl) == "split":
+    if cpu_forms(impl):
         pads = [
             _pool_pads(size, padding if isinstance(padding, str) else padding[i]) for i, size in enumerate(x.shape[1:3])
         ]
