@@ -34,3 +34,21 @@ def test_training_entry_point_gets_host_devices():
     env = base | {"NFJAX_HOST_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "2"
+
+
+def test_one_device_where_onednn_runs_the_convolutions():
+    code = (
+        "import os, sys, nfjax.host_devices as h; n = h.configure_host_devices(); "
+        "print(n, h.onednn_takes_the_cores(), 'jax' in sys.modules)"
+    )
+    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "NFJAX_HOST_DEVICES", "JAX_PLATFORMS")}
+    run = lambda env: subprocess.run(
+        [sys.executable, "-c", code], env=base | env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    count, onednn, jax_imported = run({})
+    assert jax_imported == "False"  # decided before JAX starts
+    expected = default_host_devices()
+    assert count == ("None" if onednn == "True" or expected == 1 else str(expected))
+    off = run({"NFJAX_ONEDNN": "off"})
+    assert off[1] == "False" and off[0] == ("None" if expected == 1 else str(expected))
+    assert run({"JAX_PLATFORMS": "cuda"})[1] == "False"  # no CPU programs: nothing to build

@@ -18,6 +18,10 @@ kernels for the plain forms. Measured per op and per network in docs/performance
 - The convolutions that remain (3x3, 7x7 stem, the per-group pieces) go to XLA's Eigen kernels instead of
   YNNPACK, to which this jaxlib hands them by default: :func:`compiler_options`, given to the jitted train, eval
   and predict steps. Whole train steps 1.00-1.08x, eval steps 1.02-1.11x.
+- 'onednn' (the default on a one-device CPU program where the library loads, :func:`onednn_by_default`):
+  the same lowerings, with every float32 convolution (grouped ones in one call, 1x1 ones too) run by oneDNN
+  through XLA custom calls (:mod:`nfjax.models.onednn`). 'split' keeps XLA's convolutions: the portable choice,
+  and what CPU exports use.
 
 The max pool, BatchNorm and weight standardization define reverse-mode gradients (``jax.custom_vjp``):
 forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``, Hessians) through them is not supported; trace such

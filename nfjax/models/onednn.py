@@ -6,11 +6,10 @@ PyTorch's time (docs/performance.md). ``onednn_conv.cc`` next to this file expos
 input gradient and weight gradient as XLA FFI custom calls; :func:`conv2d` joins them with ``jax.custom_vjp``.
 :mod:`nfjax.models.lowering` uses them for float32 convolutions on a single CPU device when they are available.
 
-Built on first use, once per machine: the C++ compiler (``$CXX`` or ``c++``) against JAX's FFI headers and the
-system's oneDNN (Debian/Ubuntu: ``apt-get install libdnnl-dev``), into ``~/.cache/nfjax/onednn`` (or
-``$NFJAX_CACHE_DIR/onednn``), keyed by the source, jaxlib's version and the compiler. ``NFJAX_ONEDNN=off`` turns
-them off; without the compiler or the library, :func:`available` is False, :func:`unavailable_reason` says
-why, and XLA's own convolutions run instead.
+Built on first use, once per machine, by :mod:`nfjax.onednn_build` (the system's oneDNN, Debian/Ubuntu
+``apt-get install libdnnl-dev g++``; cached in ``~/.cache/nfjax/onednn``). ``NFJAX_ONEDNN=off`` turns them off;
+without the compiler or the library, :func:`available` is False, :func:`unavailable_reason` says why, and XLA's
+own convolutions run instead.
 
 Limits: float32 only (other dtypes use XLA's convolutions); reverse-mode gradients only (first order); the
 custom calls are not partitioned, so programs over several devices keep XLA's convolutions (an unpartitioned
@@ -21,78 +20,36 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = Path(__file__).with_name("onednn_conv.cc")
-ENV = "NFJAX_ONEDNN"
+from nfjax import onednn_build
+
 TARGETS = {
     "forward": "NfjaxOnednnConvForward",
     "input_grad": "NfjaxOnednnConvInputGrad",
     "weight_grad": "NfjaxOnednnConvWeightGrad",
     "backward": "NfjaxOnednnConvBackward",
 }
-INSTALL_HINT = "install oneDNN's headers and a C++ compiler (Debian/Ubuntu: apt-get install libdnnl-dev g++)"
 
 
 class OnednnUnavailable(RuntimeError):
     """oneDNN's convolutions were asked for explicitly but cannot be built or loaded here."""
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("NFJAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nfjax")
-    return Path(root) / "onednn"
-
-
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "c++"))
-
-
-def _build(compiler: str) -> Path:
-    """Compiles the source into the cache (once per source, jaxlib and compiler), atomically: a process that
-    finds the library there uses it, two that build at once each write a private file and rename it."""
-    import jaxlib
-
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    digest = hashlib.sha256(SOURCE.read_bytes() + jaxlib.__version__.encode() + version.encode()).hexdigest()[:16]
-    target = cache_dir() / f"libnfjax_onednn_{digest}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}", str(SOURCE)]
-    command += ["-o", tmp, "-ldnnl"]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        os.unlink(tmp)
-        last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise OnednnUnavailable(f"building the oneDNN convolutions failed ({last}); {INSTALL_HINT}")
-    os.replace(tmp, target)
-    return target
-
-
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str | None]:
     """(library, None) with the custom calls registered with XLA, or (None, the reason they are not)."""
-    if os.environ.get(ENV, "").lower() in ("off", "0", "false", "no"):
-        return None, f"turned off by {ENV}={os.environ[ENV]}"
-    compiler = _compiler()
-    if compiler is None:
-        return None, f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH; {INSTALL_HINT}"
+    path, reason = onednn_build.library()
+    if path is None:
+        return None, reason
     try:
-        library = ctypes.CDLL(str(_build(compiler)))
-    except (OnednnUnavailable, OSError) as e:
-        return None, str(e)
+        library = ctypes.CDLL(str(path))
+    except OSError as e:
+        return None, f"loading {path} failed ({e}); {onednn_build.INSTALL_HINT}"
     for name in TARGETS.values():
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
     return library, None
