@@ -43,13 +43,11 @@ def _value_and_grads(conv, x, w):
 
 CASES = [
     # (batch, height, width, in, out, kernel, stride, padding, groups)
-    (2, 9, 9, 8, 12, 3, 1, "SAME", 1),
     (2, 9, 10, 8, 12, 3, 2, "SAME", 2),  # odd sizes, stride 2: SAME pads (0, 1) or (1, 1)
     (3, 8, 8, 12, 12, 3, 2, ((0, 1), (0, 1)), 3),  # DeepMind's explicit asymmetric padding
     (2, 10, 7, 6, 6, 1, 2, "VALID", 3),  # strided 1x1, grouped
     (1, 11, 11, 3, 8, 7, 2, ((3, 3), (3, 3)), 1),  # a ResNet stem
     (2, 6, 6, 8, 8, 3, 1, "SAME", 8),  # depthwise
-    (2, 5, 5, 4, 6, 3, 1, "VALID", 1),
 ]
 
 
@@ -90,9 +88,8 @@ def test_the_lowering_sends_float32_convolutions_to_onednn_and_others_to_xla():
 
 
 @needs_onednn
-@pytest.mark.parametrize("name", ["resnet_small", "nf_resnet_small"])
-def test_small_networks_train_the_same_with_onednn_convolutions(name):
-    model = create_model(name, num_classes=5, rngs=nnx.Rngs(0))
+def test_the_bn_baseline_trains_the_same_with_onednn_convolutions():
+    model = create_model("resnet_small", num_classes=5, rngs=nnx.Rngs(0))  # NF layers: the grouped NFNet below
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
     x = jax.random.normal(jax.random.key(5), (4, 16, 16, 3))
