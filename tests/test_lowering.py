@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nfjax.models import batchnorm, create_model, lowering
+from nfjax.models import batchnorm, create_model, lowering, onednn
 from nfjax.models import layers as L
 from nfjax.steps import apply_model
 
@@ -151,13 +151,14 @@ def test_small_networks_give_the_same_loss_and_gradients_under_both_lowerings(na
         logits, _ = apply_model(graphdef, params, stats, x, train=True, key=jax.random.key(6))
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], -1))
 
-    results = []
-    for impl in ("native", "split"):
+    results = {}
+    for impl in ("native", "split") + (("onednn",) if onednn.available() else ()):  # oneDNN's convolutions too
         with lowering.forced_lowering(impl):
-            results.append(jax.jit(jax.value_and_grad(loss))(params))
-    (v_native, g_native), (v_split, g_split) = results
-    np.testing.assert_allclose(v_split, v_native, rtol=1e-5)
-    chex.assert_trees_all_close(g_split, g_native, rtol=1e-3, atol=1e-5)
+            results[impl] = jax.jit(jax.value_and_grad(loss))(params)
+    v_native, g_native = results.pop("native")
+    for v, g in results.values():
+        np.testing.assert_allclose(v, v_native, rtol=1e-5)
+        chex.assert_trees_all_close(g, g_native, rtol=1e-3, atol=1e-5)
 
 
 def test_the_profiler_records_every_op_of_the_forward_and_restores_the_layers():

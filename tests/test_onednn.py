@@ -88,29 +88,8 @@ def test_the_lowering_sends_float32_convolutions_to_onednn_and_others_to_xla():
 
 
 @needs_onednn
-def test_the_bn_baseline_trains_the_same_with_onednn_convolutions():
-    model = create_model("resnet_small", num_classes=5, rngs=nnx.Rngs(0))  # NF layers: the grouped NFNet below
-    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
-    x = jax.random.normal(jax.random.key(5), (4, 16, 16, 3))
-    labels = jnp.arange(4) % 5
-
-    def loss(params):
-        logits, _ = apply_model(graphdef, params, stats, x, train=True, key=jax.random.key(6))
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], -1))
-
-    results = {}
-    for impl in ("split", "onednn"):
-        with lowering.forced_lowering(impl):
-            step = jax.jit(jax.value_and_grad(loss))
-            results[impl] = step(params)
-            assert (TARGET in step.lower(params).as_text()) == (impl == "onednn")
-    np.testing.assert_allclose(results["onednn"][0], results["split"][0], rtol=1e-5)
-    chex.assert_trees_all_close(results["onednn"][1], results["split"][1], rtol=1e-3, atol=1e-5)
-
-
-@needs_onednn
 def test_a_grouped_nfnet_gives_the_same_logits_and_gradients():
+    # The small BN and NF ResNets are compared under every lowering in tests/test_lowering.py.
     tiny = dict(widths=(32, 64, 96, 96), depths=(1, 1, 1, 1), group_size=16, stem_widths=(8, 8, 16))  # 2-6 groups
     model = create_model("nfnet_f0", num_classes=10, rngs=nnx.Rngs(0), **tiny)
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
