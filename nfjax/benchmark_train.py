@@ -310,8 +310,11 @@ def benchmark_train(args: argparse.Namespace) -> dict:
     if args.model not in MODELS:
         args.error(f"unknown model {args.model!r}; valid names: {', '.join(list_models())}")
     check_counts(args, ("batch", "image_size", "steps", "rounds"))
-    if args.lowering == "onednn" and not onednn.available():
-        args.error(f"--lowering onednn: oneDNN's convolutions are unavailable here: {onednn.unavailable_reason()}")
+    if args.lowering == "onednn":
+        try:
+            onednn.require()
+        except onednn.OnednnUnavailable as e:
+            args.error(f"--lowering onednn: {e}")
     if args.compare == "timm" and args.torch_device == "cuda":
         try:
             import torch

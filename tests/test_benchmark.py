@@ -181,6 +181,15 @@ def test_bad_rounds_is_one_line(capsys):
     assert "--rounds=0 is invalid: it must be at least 1" in capsys.readouterr().err
 
 
+def test_lowering_onednn_where_it_cannot_load_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(onednn, "_load", lambda: (None, "no C++ compiler (c++) on PATH; install ..."))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--model", "nf_resnet_small", "--lowering", "onednn"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--lowering onednn: oneDNN convolutions are unavailable: no C++ compiler" in err
+
+
 @pytest.mark.parametrize("flag", ["--batch", "--image-size", "--steps"])
 def test_train_benchmark_sizes_that_cannot_run_are_one_line(capsys, flag):
     with pytest.raises(SystemExit) as exit_info:  # --batch 0 was a traceback, --image-size 0 a nonsense number

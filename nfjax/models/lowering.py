@@ -81,8 +81,9 @@ def for_platforms(platforms: Sequence[str] | None):
 
 def resolve_impl(impl: ConvImpl) -> Literal["native", "split", "onednn"]:
     """'auto' -> on the CPU backend the CPU lowerings of this module, with oneDNN's convolutions ('onednn')
-    when they are available and the process has one device, with XLA's ('split') otherwise; 'native'
-    elsewhere. An explicit 'onednn' that cannot be loaded raises :class:`nfjax.models.onednn.OnednnUnavailable`."""
+    when they are available and the program runs on one device (:func:`onednn_by_default`), with XLA's
+    ('split') otherwise; 'native' elsewhere. An explicit 'onednn' that cannot run here (no library, or not the
+    CPU backend) raises :class:`nfjax.models.onednn.OnednnUnavailable`."""
     if impl == "auto":
         forced = _AUTO_OVERRIDE.get()
         if forced is not None:

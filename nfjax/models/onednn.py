@@ -75,6 +75,10 @@ def version() -> str | None:
 
 
 def require() -> None:
+    """Raises :class:`OnednnUnavailable`, saying why, unless the convolutions can run in this process."""
+    backend = jax.default_backend()
+    if backend != "cpu":
+        raise OnednnUnavailable(f"oneDNN convolutions run on the CPU backend; this process runs on {backend}")
     if not available():
         raise OnednnUnavailable(f"oneDNN convolutions are unavailable: {unavailable_reason()}")
 
