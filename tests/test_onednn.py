@@ -177,3 +177,15 @@ def test_bad_operands_are_a_clear_error():
         onednn.conv2d(x, jnp.ones((3, 3, 2, 8)), groups=4)
     with pytest.raises(ValueError, match="float32"):
         onednn.conv2d(x.astype(jnp.bfloat16), jnp.ones((3, 3, 6, 8), jnp.bfloat16))
+
+
+@needs_onednn
+def test_macs_and_flops_count_the_network_whatever_runs_its_convolutions():
+    from nfjax.models.summary import abstract_model, count_macs, xla_flops_per_image
+
+    model = abstract_model("nf_resnet_small", num_classes=10)
+    counts = {}
+    for impl in ("split", "onednn"):  # a one-device process (the summary CLI, the benchmark) takes oneDNN
+        with lowering.forced_lowering(impl):
+            counts[impl] = (count_macs(model, 28), xla_flops_per_image(model, 28))
+    assert counts["onednn"] == counts["split"] and counts["split"][0] > 1e6
