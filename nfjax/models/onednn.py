@@ -30,8 +30,6 @@ from nfjax import onednn_build
 
 TARGETS = {
     "forward": "NfjaxOnednnConvForward",
-    "input_grad": "NfjaxOnednnConvInputGrad",
-    "weight_grad": "NfjaxOnednnConvWeightGrad",
     "backward": "NfjaxOnednnConvBackward",
 }
 

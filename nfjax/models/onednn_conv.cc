@@ -211,20 +211,6 @@ ffi::Error Forward(F32 x, F32 k, ffi::ResultBuffer<ffi::F32> y, int64_t sh, int6
              x.untyped_data(), k.untyped_data(), y->untyped_data());
 }
 
-ffi::Error InputGrad(F32 dy, F32 k, ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
-                     int64_t pl, int64_t pr, int64_t g) {
-  if (auto e = Check(dx->dimensions(), k.dimensions(), dy.dimensions(), g); e.failure()) return e;
-  return Run(kInputGrad, Describe(dx->dimensions(), k.dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr, g),
-             dy.untyped_data(), k.untyped_data(), dx->untyped_data());
-}
-
-ffi::Error WeightGrad(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dk, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
-                      int64_t pl, int64_t pr, int64_t g) {
-  if (auto e = Check(x.dimensions(), dk->dimensions(), dy.dimensions(), g); e.failure()) return e;
-  return Run(kWeightGrad, Describe(x.dimensions(), dk->dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr, g),
-             x.untyped_data(), dy.untyped_data(), dk->untyped_data());
-}
-
 // Both gradients in one call, one after the other: as two calls, XLA would run them at once, and one would wait
 // (holding an XLA worker thread) for the other's cores.
 ffi::Error Backward(F32 x, F32 k, F32 dy, ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dk, int64_t sh,
@@ -246,22 +232,8 @@ ffi::Error Backward(F32 x, F32 k, F32 dy, ffi::ResultBuffer<ffi::F32> dx, ffi::R
       .Attr<int64_t>("pr")                                                                              \
       .Attr<int64_t>("g")
 
-#define NFJAX_CONV_BINDING                                                                              \
-  ffi::Ffi::Bind()                                                                                      \
-      .Arg<F32>()                                                                                       \
-      .Arg<F32>()                                                                                       \
-      .Ret<F32>()                                                                                       \
-      .Attr<int64_t>("sh")                                                                              \
-      .Attr<int64_t>("sw")                                                                              \
-      .Attr<int64_t>("pt")                                                                              \
-      .Attr<int64_t>("pb")                                                                              \
-      .Attr<int64_t>("pl")                                                                              \
-      .Attr<int64_t>("pr")                                                                              \
-      .Attr<int64_t>("g")
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NfjaxOnednnConvForward, Forward, NFJAX_CONV_BINDING);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NfjaxOnednnConvInputGrad, InputGrad, NFJAX_CONV_BINDING);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NfjaxOnednnConvWeightGrad, WeightGrad, NFJAX_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NfjaxOnednnConvForward, Forward,
+                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>() NFJAX_CONV_ATTRS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NfjaxOnednnConvBackward, Backward,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>()
                                   NFJAX_CONV_ATTRS);
