@@ -24,6 +24,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from nfjax.host_devices import configure_host_devices, cpu_cores
+from nfjax.huge_pages import restart_with_huge_pages
+
+if __name__ == "__main__":
+    restart_with_huge_pages()  # first: XLA's per-step memory on huge pages (CPU; nfjax/huge_pages.py)
 
 configure_host_devices()  # before JAX starts, as for training
 

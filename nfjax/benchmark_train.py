@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from nfjax import huge_pages
 from nfjax.host_devices import cpu_cores
 
 TORCH_INSTALL_HINT = (
@@ -89,9 +90,11 @@ class Runner:
         self.label, self.run, self.info = label, run, info
         self.times: list[float] = []
         self.cpu_times: list[float] = []
+        self.page_faults: list[int] = []
         self.loss = float("nan")
 
     def step(self, index: int, total: int, phase: str, timed: bool) -> None:
+        faults = _minor_page_faults()
         start, cpu_start = time.perf_counter(), time.process_time()
         self.loss = self.run()
         seconds = time.perf_counter() - start
@@ -99,10 +102,21 @@ class Runner:
         if timed:
             self.times.append(seconds)
             self.cpu_times.append(time.process_time() - cpu_start)
+            self.page_faults.append(_minor_page_faults() - faults)
 
     def row(self) -> dict:
         cpu_s = statistics.median(self.cpu_times)
-        return dict(impl=self.label, **self.info, step_times_s=self.times, step_cpu_s=cpu_s, loss=self.loss)
+        faults = int(statistics.median(self.page_faults))
+        return dict(
+            impl=self.label, **self.info, step_times_s=self.times, step_cpu_s=cpu_s, page_faults=faults, loss=self.loss
+        )
+
+
+def _minor_page_faults() -> int:
+    """The process's minor page faults so far (memory the kernel mapped in on first touch)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def time_rounds(runners: list[Runner], args) -> None:
@@ -342,6 +356,7 @@ def benchmark_train(args: argparse.Namespace) -> dict:
         dtype=args.dtype,
         lowering=lowering,
         onednn=onednn.version() if lowering == "onednn" else None,
+        huge_pages=huge_pages.status(),  # nfjax/huge_pages.py: set when this process started
         steps=args.steps,
         rounds=args.rounds,
         warmup=args.warmup,
@@ -376,18 +391,19 @@ def format_report(report: dict) -> str:
         f"{report['cores']} cores, load average "
         f"{report['load_avg_before']:.2f} -> {report['load_avg_after']:.2f}; median of {report['rounds']} x "
         f"{report['steps']} steps{alternated} after {report['warmup']} warm-up",
-        f"  {'implementation':<24} {'compile s':>10} {'step s':>9} {'CPU s':>8} {'img/s':>8} {'GFLOP/s':>9}",
+        f"  {'implementation':<24} {'compile s':>10} {'step s':>9} {'CPU s':>8} {'img/s':>8} {'GFLOP/s':>9} "
+        f"{'page faults':>12}",
     ]
     for row in report["rows"]:
         lines.append(
             f"  {row['impl']:<24} {row['compile_s']:10.1f} {row['step_s']:9.3f} {row['step_cpu_s']:8.2f} "
-            f"{row['img_per_s']:8.2f} "
-            f"{row['gflop_per_s']:9.1f}"
+            f"{row['img_per_s']:8.2f} {row['gflop_per_s']:9.1f} {row['page_faults']:12d}"
         )
     if report["nfjax_over_timm"] is not None:
         lines.append(f"  nfjax / timm throughput: {report['nfjax_over_timm']:.2f}x")
     if report["gemm_peak_gflop_per_s"] is not None:
         lines.append(f"  dense fp32 matmul peak (2048^2, XLA, CPU): {report['gemm_peak_gflop_per_s']:.0f} GFLOP/s")
+    lines.append(f"  huge pages for the process's large blocks: {report['huge_pages']}")
     nfjax = report["rows"][0]
     if "temp_gib" in nfjax:
         lines.append(

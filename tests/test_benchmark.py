@@ -40,6 +40,8 @@ def test_train_benchmark_json_report(capsys):
     assert row["impl"] == "nfjax"
     for key in ("compile_s", "step_s", "step_cpu_s", "img_per_s", "gflop_per_s"):
         assert row[key] > 0, key
+    assert isinstance(row["page_faults"], int) and row["page_faults"] >= 0
+    assert report["huge_pages"].startswith(("on (", "off ("))  # this process was not restarted: off, or THP always
     assert len(row["step_times_s"]) == 1
     assert row["step_s"] == pytest.approx(row["step_times_s"][0])
     assert row["img_per_s"] == pytest.approx(8 / row["step_s"])
