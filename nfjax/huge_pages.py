@@ -5,8 +5,8 @@ at batch 8) and frees it afterwards. The block is larger than anything glibc's m
 fresh memory and the kernel faults it in 4 KiB at a time: 273,000 page faults and 0.5 CPU-seconds of system time
 per ResNet-50 step on the project's 2-core machine. glibc (2.35 and later) can ask the kernel for transparent huge
 pages on such blocks (the tunable ``glibc.malloc.hugetlb=1``): 2 MiB pages, 512 times fewer faults, and fewer TLB
-misses while the step runs. Measured with oneDNN's convolutions: ResNet-50's train step 1.63 -> 1.39 s, NFNet-F0's
-2.74 -> 2.25 s (docs/performance.md).
+misses while the step runs. Measured with oneDNN's convolutions: NFNet-F0's train step 2.72-2.76 -> 2.22-2.28 s,
+ResNet-50's from 0.95-0.97x to 1.04-1.12x timm's speed (docs/performance.md).
 
 glibc reads its tunables once, when a process starts, so the command-line entry points (``python -m nfjax.train``,
 ``evaluate``, ``predict``, ``export``, ``benchmark``) restart themselves once, before JAX starts, with the tunable
