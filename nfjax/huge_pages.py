@@ -25,7 +25,6 @@ import sys
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 ENV = "NFJAX_HUGE_PAGES"  # "off" keeps the process's allocator as it started
-_RESTARTED = "NFJAX_HUGE_PAGES_RESTARTED"  # set in the restarted process: never restart twice
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin", "libtpu")
 
@@ -93,11 +92,12 @@ def status() -> str:
 def restart_with_huge_pages() -> None:
     """Re-executes this process (same interpreter, arguments, pid) with ``glibc.malloc.hugetlb=1`` added to
     ``GLIBC_TUNABLES``, where :func:`reason_not_to` finds nothing against it; otherwise returns. Call it first
-    thing in a ``python -m`` entry point, before JAX or any thread starts."""
-    if os.environ.get(_RESTARTED) or reason_not_to() is not None or not getattr(sys, "orig_argv", None):
+    thing in a ``python -m`` entry point, before JAX or any thread starts. The restarted process finds the tunable
+    set and does not restart again."""
+    if reason_not_to() is not None or not getattr(sys, "orig_argv", None):
         return
     tunables = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES", ""), TUNABLE]))
-    env = dict(os.environ, GLIBC_TUNABLES=tunables, **{_RESTARTED: "1"})
+    env = dict(os.environ, GLIBC_TUNABLES=tunables)
     sys.stdout.flush()
     sys.stderr.flush()
     try:
