@@ -60,7 +60,8 @@ def assert_clean_error(code, err, *needles):
 
 
 def subprocess_env(compile_cache, devices):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"  # as conftest
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     env.update(JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=CACHE_MIN_SECONDS)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
@@ -74,7 +75,8 @@ def free_port():
 
 def launch_two_processes(fmnist_dir, workdir, compile_cache, cwd, *extra):
     """``python -m nfjax.train`` as two processes of one run (jax.distributed on loopback, gloo, one CPU device
-    each) on the tiny NF run; stdout and stderr of each are piped together (text)."""
+    each) on the tiny NF run; stdout and stderr of each are piped together (text). Each process leads its own
+    process group (with its watchdog child), so a test can signal one process together with its children."""
     port = free_port()
     distributed = [
         f"--config.distributed.coordinator_address=127.0.0.1:{port}",
@@ -90,6 +92,7 @@ def launch_two_processes(fmnist_dir, workdir, compile_cache, cwd, *extra):
             stderr=subprocess.STDOUT,
             text=True,
             cwd=cwd,
+            start_new_session=True,
         )
         for i in range(2)
     ]
