@@ -73,15 +73,17 @@ def test_8_devices_equal_1_device(trained, fmnist_dir, tmp_path):
     assert train.main(nf_args(fmnist_dir, tmp_path, *extra)) == 0
     one, eight = train_rows(tmp_path), train_rows(trained)
     assert len(one) == len(eight) == STEPS
-    # Float sums in another order: step 1 agrees to ~1e-7, then lr 0.5 amplifies the rounding step by step. The
-    # loss and the weights stay within 1e-3; the gradient norm is the most sensitive: 1.1% apart at step 10 on one
-    # machine, 3.0% at step 12 on another. A real difference (a mean over one device's shard instead of the global
-    # batch, a missing all-reduce) shows at step 1 already, checked to 1e-5 below.
+    # Float sums in another order, and one device convolves through oneDNN where eight use XLA's own convolutions:
+    # step 1 agrees to 1e-7 on an AVX-512 machine, 2e-5 on an AVX2 one, 1.6e-4 there with the suite's unoptimized
+    # compiles; then lr 0.5 amplifies the rounding step by step. The loss and the weights stay within 1e-3; the
+    # gradient norm is the most sensitive: 1.1% apart at step 10 on one machine, 3.0% at step 12 on another. A
+    # real difference (a mean over one device's shard instead of the global batch, a missing all-reduce) moves
+    # step 1 by far more than 1e-3, checked below.
     for key, rtol in (("loss", 1e-3), ("param_norm", 1e-3), ("grad_norm", 0.1), ("update_norm", 0.1)):
         np.testing.assert_allclose([r[key] for r in one], [r[key] for r in eight], rtol=rtol, err_msg=key)
     for key in ("grad_norm", "update_norm"):  # the first steps, before the rounding has grown
         np.testing.assert_allclose([r[key] for r in one[:4]], [r[key] for r in eight[:4]], rtol=5e-3, err_msg=key)
-    np.testing.assert_allclose(one[0]["grad_norm"], eight[0]["grad_norm"], rtol=1e-5)
+    np.testing.assert_allclose(one[0]["grad_norm"], eight[0]["grad_norm"], rtol=1e-3)
 
 
 def test_two_processes_equal_one_process(trained, fmnist_dir, tmp_path, compile_cache):
