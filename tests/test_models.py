@@ -36,12 +36,13 @@ REFERENCE_PARAMS = {
 }
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def cheap_tracer_errors(monkeypatch):
     """Flax's RNG streams bump their counter inside ``nnx.eval_shape``, and each bump asks the traced counter for
     its ``sharding``; JAX answers with an AttributeError whose message searches the whole trace so far for the
     value's origin. The search grows with the trace: 7.8 of F4's 10.8 s go to messages nobody reads (quadratic: F7
-    takes 26-33 s). Here the message skips the search (a private name; without it, the slow path)."""
+    takes 26-33 s). In this module's tests the message skips the search (a private name; without it, the slow
+    path). Only error texts change, and no test here reads them from a tracer."""
     from jax._src.interpreters import partial_eval
 
     if hasattr(partial_eval.DynamicJaxprTracer, "_origin_msg"):
@@ -49,7 +50,7 @@ def cheap_tracer_errors(monkeypatch):
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE_PARAMS))
-def test_parameter_count_equals_reference(name, cheap_tracer_errors):
+def test_parameter_count_equals_reference(name):
     assert count_params(abstract_model(name)) == REFERENCE_PARAMS[name]
 
 
