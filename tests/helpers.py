@@ -60,8 +60,10 @@ def assert_clean_error(code, err, *needles):
 
 
 def subprocess_env(compile_cache, devices):
-    flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"  # as conftest
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    """The suite's environment (conftest's XLA flags included) with ``devices`` host devices instead of 8."""
+    count = "--xla_force_host_platform_device_count"
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(count)]
+    env = dict(os.environ, XLA_FLAGS=" ".join([f"{count}={devices}", *flags]), JAX_PLATFORMS="cpu")
     env.update(JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=CACHE_MIN_SECONDS)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env

@@ -27,6 +27,7 @@ import pytest
 
 from nfjax import train
 from nfjax.config_lib import load_config, load_config_file
+from nfjax.convert.errors import flatten
 from nfjax.metrics import read_metrics
 from nfjax.models import MODELS, model_metadata
 
@@ -168,11 +169,8 @@ def check_run(workdir, steps, evals):
     assert final["finished"] is False, final  # max_steps stopped it: every recipe's schedule is longer
 
 
-def flat(tree, prefix=""):
-    out = {}
-    for key, value in tree.items():
-        out |= flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value}
-    return out
+def flat(cfg):
+    return {".".join(path): value for path, value in flatten(cfg.to_dict()).items()}
 
 
 @pytest.mark.parametrize("config", F0_VARIANTS)
@@ -189,7 +187,7 @@ def test_nfnet_variant_config_is_f0s_recipe_at_its_own_sizes_and_assembles(confi
         "data.eval_image_size": meta["test_size"],
         "data.randaugment_magnitude": meta["ra_magnitude"],
     } | ({"optim.sam_rho": 0.05} if config == SAM_VARIANT else {})
-    mine, theirs = flat(variant.to_dict()), flat(f0.to_dict())
+    mine, theirs = flat(variant), flat(f0)
     assert {k: v for k, v in mine.items() if theirs.get(k) != v} == expected
     assert mine.keys() == theirs.keys()
 

@@ -168,13 +168,13 @@ def sharpness(image, factor, truncate: bool = False):
     The smoothed copy is rounded (``truncate``: truncated, as the blend)."""
     tf = _tf()
     if truncate:
-        smoothed = _float(_to_uint8(_smooth_as_deepmind(image)))
+        smoothed = _smooth_as_deepmind(image)
     else:  # no pixel of the smoothed copy lies near .5 (S / 13 never does): any summation order rounds alike
         channels = image.shape[-1]
         kernel = tf.constant([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
         kernel = tf.tile(kernel[:, :, None, None], [1, 1, channels, 1])
         smoothed = tf.round(tf.nn.depthwise_conv2d(_float(image)[None], kernel, [1, 1, 1, 1], "VALID")[0])
-        smoothed = _float(_to_uint8(smoothed))
+    smoothed = _float(_to_uint8(smoothed))
     smoothed = tf.pad(smoothed, [[1, 1], [1, 1], [0, 0]])
     interior = tf.pad(tf.ones_like(smoothed[1:-1, 1:-1]), [[1, 1], [1, 1], [0, 0]])
     degenerate = tf.where(interior > 0, smoothed, _float(image))
