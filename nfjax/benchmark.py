@@ -23,11 +23,11 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from nfjax.allocator import restart_with_tunables
 from nfjax.host_devices import configure_host_devices, cpu_cores
-from nfjax.huge_pages import restart_with_huge_pages
 
 if __name__ == "__main__":
-    restart_with_huge_pages()  # first: XLA's per-step memory on huge pages (CPU; nfjax/huge_pages.py)
+    restart_with_tunables()  # first: malloc settings for XLA's per-step memory (CPU; nfjax/allocator.py)
 
 configure_host_devices()  # before JAX starts, as for training
 

@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from nfjax import huge_pages
+from nfjax import allocator
 from nfjax.host_devices import cpu_cores
 
 TORCH_INSTALL_HINT = (
@@ -356,7 +356,8 @@ def benchmark_train(args: argparse.Namespace) -> dict:
         dtype=args.dtype,
         lowering=lowering,
         onednn=onednn.version() if lowering == "onednn" else None,
-        huge_pages=huge_pages.status(),  # nfjax/huge_pages.py: set when this process started
+        huge_pages=allocator.status(),  # nfjax/allocator.py: set when this process started
+        heap=allocator.heap_status(),
         steps=args.steps,
         rounds=args.rounds,
         warmup=args.warmup,
@@ -404,6 +405,7 @@ def format_report(report: dict) -> str:
     if report["gemm_peak_gflop_per_s"] is not None:
         lines.append(f"  dense fp32 matmul peak (2048^2, XLA, CPU): {report['gemm_peak_gflop_per_s']:.0f} GFLOP/s")
     lines.append(f"  huge pages for the process's large blocks: {report['huge_pages']}")
+    lines.append(f"  malloc heap: {report['heap']}")
     nfjax = report["rows"][0]
     if "temp_gib" in nfjax:
         lines.append(

@@ -28,11 +28,11 @@ import os
 import sys
 from collections.abc import Sequence
 
+from nfjax.allocator import restart_with_tunables
 from nfjax.host_devices import configure_host_devices
-from nfjax.huge_pages import restart_with_huge_pages
 
 if __name__ == "__main__":
-    restart_with_huge_pages()  # first: XLA's per-step memory on huge pages (CPU; nfjax/huge_pages.py)
+    restart_with_tunables()  # first: malloc settings for XLA's per-step memory (CPU; nfjax/allocator.py)
 
 configure_host_devices()  # before JAX starts, as for training
 

@@ -42,6 +42,7 @@ def test_train_benchmark_json_report(capsys):
         assert row[key] > 0, key
     assert isinstance(row["page_faults"], int) and row["page_faults"] >= 0
     assert report["huge_pages"].startswith(("on (", "off ("))  # this process was not restarted: off, or THP always
+    assert report["heap"].startswith(("kept (", "glibc's default ("))
     assert len(row["step_times_s"]) == 1
     assert row["step_s"] == pytest.approx(row["step_times_s"][0])
     assert row["img_per_s"] == pytest.approx(8 / row["step_s"])
