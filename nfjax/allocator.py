@@ -9,10 +9,10 @@ tunables remove that cost:
 - **A kept heap** (``glibc.malloc.arena_max=1``, ``mmap_max=0``, ``trim_threshold`` = 2**62): every block comes
   from the one heap, and freed memory stays in it, so from the second or third step on a step reuses the memory
   of the one before: no page faults, no system time. Where the kernel or hypervisor reclaims freed memory after
-  a few idle seconds, as on the project's CPU machines, it also removes a 0.5-1.3 s penalty on the first step
-  after any pause (an evaluation, a checkpoint). The price: the process keeps its peak memory, never gives it
-  back to the system, and every thread shares one malloc lock (compilation, which is allocation-heavy, can take a
-  few seconds longer).
+  a few idle seconds, as on the project's CPU machines, it also removes up to 1.1 s of system time from the
+  first step after any pause (an evaluation, a checkpoint). The price: the process never gives memory back, its
+  heap fragments (the Fashion-MNIST main job peaks at about twice the memory), and every thread shares one
+  malloc lock (compilation, which allocates a lot, can take a few seconds longer).
 - **Transparent huge pages** (``glibc.malloc.hugetlb=1``, glibc 2.35+, kernel THP mode ``madvise``): 2 MiB pages
   for malloc's large regions, 512 times fewer faults where memory is still faulted in (the first steps, or with
   the heap not kept) and fewer TLB misses while the step runs.
