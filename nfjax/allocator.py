@@ -88,6 +88,10 @@ def _cpu_platform(environ) -> bool:
     return not any(importlib.util.find_spec(name) is not None for name in _ACCELERATOR_PLUGINS)
 
 
+def _turned_off(environ, name: str) -> str | None:
+    return f"turned off by {name}={environ[name]}" if environ.get(name, "").lower() in _OFF else None
+
+
 def _common_reason(environ, glibc, minimum: tuple[int, int]) -> str | None:
     glibc = _glibc_version() if glibc is None else glibc
     if sys.platform != "linux" or glibc is None or glibc < minimum:
@@ -100,8 +104,9 @@ def _common_reason(environ, glibc, minimum: tuple[int, int]) -> str | None:
 def reason_not_to(environ=None, mode: str | None = None, glibc: tuple[int, ...] | None = None) -> str | None:
     """None when adding the huge-page tunable would help here, else why not (the arguments are for tests)."""
     environ = os.environ if environ is None else environ
-    if environ.get(ENV, "").lower() in _OFF:
-        return f"turned off by {ENV}={environ[ENV]}"
+    off = _turned_off(environ, ENV)
+    if off:
+        return off
     if tunable_set(environ):
         return f"GLIBC_TUNABLES already sets it ({environ['GLIBC_TUNABLES']})"
     common = _common_reason(environ, glibc, (2, 35))
@@ -116,8 +121,9 @@ def reason_not_to(environ=None, mode: str | None = None, glibc: tuple[int, ...] 
 def reason_not_to_keep_heap(environ=None, glibc: tuple[int, ...] | None = None) -> str | None:
     """None when the kept heap's tunables should be added here, else why not (the arguments are for tests)."""
     environ = os.environ if environ is None else environ
-    if environ.get(KEEP_HEAP_ENV, "").lower() in _OFF:
-        return f"turned off by {KEEP_HEAP_ENV}={environ[KEEP_HEAP_ENV]}"
+    off = _turned_off(environ, KEEP_HEAP_ENV)
+    if off:
+        return off
     already = heap_settings_set(environ)
     if already:
         return f"the environment already sets {already}"
@@ -126,6 +132,7 @@ def reason_not_to_keep_heap(environ=None, glibc: tuple[int, ...] | None = None) 
 
 def tunables_to_add(environ=None, mode: str | None = None, glibc: tuple[int, ...] | None = None) -> list[str]:
     """The tunables a restart would add here: the kept heap's, then huge pages', each where it applies."""
+    glibc = _glibc_version() if glibc is None else glibc  # once for both
     add = [] if reason_not_to_keep_heap(environ, glibc) else list(KEEP_HEAP_TUNABLES)
     return add + ([] if reason_not_to(environ, mode, glibc) else [TUNABLE])
 
