@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices, set before JAX initializes its backends; shared fixtures."""
 
+import fcntl
 import os
 
 # The suite compiles thousands of small programs and runs each a few times: LLVM's optimizations cost more
@@ -21,12 +22,18 @@ from helpers import CACHE_MIN_SECONDS  # noqa: E402
 
 @pytest.fixture(scope="session")
 def fmnist_dir(tmp_path_factory):
-    """Fashion-MNIST prepared once per session into a TFDS data_dir that every test module shares."""
+    """Fashion-MNIST prepared once per run into a TFDS data_dir that every test module shares: under xdist in the
+    folder above the workers' own (the run's), by whichever worker needs it first while the others wait on a file
+    lock, then find it prepared (about 30 s of work, not once per worker)."""
     from nfjax import data
 
-    data_dir = tmp_path_factory.getbasetemp() / "tfds"
-    data.prepare_fashion_mnist(str(data_dir))
-    return str(data_dir)
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    with open(root / "tfds.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        data.prepare_fashion_mnist(str(root / "tfds"))
+    return str(root / "tfds")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -41,6 +41,15 @@ def test_fashion_mnist_pixels_match_idx_files(fmnist_dir):
     assert key(images, labels) == key(idx_images, idx_labels)
 
 
+@pytest.mark.parametrize("images", [np.zeros((4, 32, 32, 1), np.uint8), np.zeros((4, 28, 28, 1), np.float32)])
+def test_storing_images_of_another_shape_or_type_is_refused_before_writing(tmp_path, images):
+    from nfjax.data.fashion_mnist import store_fashion_mnist
+
+    with pytest.raises(ValueError, match=r"split 'train'.*fashion_mnist takes uint8 images \[N, 28, 28, 1\]"):
+        store_fashion_mnist(str(tmp_path), {"train": (images, np.zeros(4, np.uint8))})
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("name", ["cifar10", "imagenet2012"])
 def test_missing_tfds_dataset_fails_fast(tmp_path, name):
     cfg = data.default_data_config()
