@@ -4,7 +4,11 @@
 //
 // Each call describes the caller's buffers to oneDNN as they are (activations as nhwc, the kernel through
 // explicit strides into the HWIO buffer) and lets oneDNN choose its own kernel layout; the kernel is reordered
-// into it on every call (kernels change every training step). Primitives are created once per geometry and
+// into it on every call (kernels change every training step). Activations are read and written in place, except
+// by the weight gradient on CPUs without AVX-512: there oneDNN also chooses the layout of its two activation
+// inputs (blocked, nChw8c), reordered from NHWC on every call, because its AVX2 weight-gradient kernels run about
+// 1.5x faster on blocked data. (Its other AVX2 kernels gain too, but reordering their outputs back to NHWC costs
+// more than they gain.) NFJAX_ONEDNN_ACTIVATIONS=nhwc or =blocked overrides the choice. Primitives are created once per geometry and
 // cached. Calls run one at a time: each already uses every core through oneDNN's OpenMP threads.
 #include <cstdint>
 #include <cstdlib>
@@ -41,8 +45,17 @@ dnnl::engine& Engine() {
   return engine;
 }
 
-memory::desc Activations(int64_t n, int64_t c, int64_t h, int64_t w) {
-  return memory::desc({n, c, h, w}, memory::data_type::f32, memory::format_tag::nhwc);
+memory::desc Activations(int64_t n, int64_t c, int64_t h, int64_t w, bool any = false) {
+  return memory::desc({n, c, h, w}, memory::data_type::f32, any ? memory::format_tag::any : memory::format_tag::nhwc);
+}
+
+// Whether oneDNN chooses the activations' layout (reordered from and to NHWC around each call) or reads NHWC.
+bool BlockedActivations() {
+  const char* forced = std::getenv("NFJAX_ONEDNN_ACTIVATIONS");
+  if (forced != nullptr && std::string(forced) == "blocked") return true;
+  if (forced != nullptr && std::string(forced) == "nhwc") return false;
+  int isa = static_cast<int>(dnnl::get_effective_cpu_isa());
+  return (isa & dnnl_cpu_isa_avx512_core) != dnnl_cpu_isa_avx512_core;
 }
 
 memory::dims KernelDims(const Geometry& q) {
@@ -70,15 +83,15 @@ dnnl::primitive_attr Attr() {
   return attr;
 }
 
-dnnl::convolution_forward::primitive_desc ForwardPd(const Geometry& q) {
+dnnl::convolution_forward::primitive_desc ForwardPd(const Geometry& q, bool any) {
+  auto src = Activations(q.n, q.c, q.h, q.w, any), dst = Activations(q.n, q.o, q.oh, q.ow, any);
 #if DNNL_VERSION_MAJOR >= 3
-  return dnnl::convolution_forward::primitive_desc(
-      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, Activations(q.n, q.c, q.h, q.w),
-      AnyKernel(q), Activations(q.n, q.o, q.oh, q.ow), {q.sh, q.sw}, {q.pt, q.pl}, {q.pb, q.pr}, Attr());
+  return dnnl::convolution_forward::primitive_desc(Engine(), dnnl::prop_kind::forward_training,
+                                                   dnnl::algorithm::convolution_direct, src, AnyKernel(q), dst,
+                                                   {q.sh, q.sw}, {q.pt, q.pl}, {q.pb, q.pr}, Attr());
 #else
-  dnnl::convolution_forward::desc desc(dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-                                       Activations(q.n, q.c, q.h, q.w), AnyKernel(q), Activations(q.n, q.o, q.oh, q.ow),
-                                       {q.sh, q.sw}, {q.pt, q.pl}, {q.pb, q.pr});
+  dnnl::convolution_forward::desc desc(dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src,
+                                       AnyKernel(q), dst, {q.sh, q.sw}, {q.pt, q.pl}, {q.pb, q.pr});
   return dnnl::convolution_forward::primitive_desc(desc, Attr(), Engine());
 #endif
 }
@@ -89,25 +102,43 @@ struct Prepared {
   memory::desc scratchpad;  // its working memory
   bool reorder = false;     // whether that layout differs from the caller's HWIO
   dnnl::reorder to_kernel;  // caller's kernel -> primitive's (forward, input gradient) or back (weight gradient)
+  // The primitive's layouts of its two activation arguments: "first" is read from the caller's first buffer
+  // (forward and weight gradient: x; input gradient: dy), "second" is written to the caller's output (forward:
+  // y; input gradient: dx) or, for the weight gradient, read from its second buffer (dy). Each has a reorder
+  // from (first; second of the weight gradient) or to (second otherwise) the caller's NHWC where they differ.
+  memory::desc first, second;
+  bool reorder_first = false, reorder_second = false;
+  dnnl::reorder first_in, second_io;
 };
 
 std::mutex cache_mutex;
 std::map<std::vector<int64_t>, std::shared_ptr<Prepared>> cache;
 
-std::shared_ptr<Prepared> Prepare(const Geometry& q, Kind kind) {
+// The caller's NHWC layouts of the first and second activation arguments of ``kind`` (see Prepared).
+memory::desc CallerFirst(const Geometry& q, Kind kind) {
+  return kind == kInputGrad ? Activations(q.n, q.o, q.oh, q.ow) : Activations(q.n, q.c, q.h, q.w);
+}
+memory::desc CallerSecond(const Geometry& q, Kind kind) {
+  return kind == kInputGrad ? Activations(q.n, q.c, q.h, q.w) : Activations(q.n, q.o, q.oh, q.ow);
+}
+
+std::shared_ptr<Prepared> Prepare(const Geometry& q, Kind kind, bool blocked) {
   auto key = q.Key(kind);
+  key.push_back(blocked);
   {
     std::lock_guard<std::mutex> lock(cache_mutex);
     auto found = cache.find(key);
     if (found != cache.end()) return found->second;
   }
   auto prepared = std::make_shared<Prepared>();
-  auto forward = ForwardPd(q);
-  auto src = Activations(q.n, q.c, q.h, q.w), dst = Activations(q.n, q.o, q.oh, q.ow);
+  auto forward = ForwardPd(q, blocked);
+  auto src = Activations(q.n, q.c, q.h, q.w, blocked), dst = Activations(q.n, q.o, q.oh, q.ow, blocked);
   if (kind == kForward) {
     prepared->primitive = dnnl::convolution_forward(forward);
     prepared->kernel = forward.weights_desc();
     prepared->scratchpad = forward.scratchpad_desc();
+    prepared->first = forward.src_desc();
+    prepared->second = forward.dst_desc();
   } else if (kind == kInputGrad) {
 #if DNNL_VERSION_MAJOR >= 3
     dnnl::convolution_backward_data::primitive_desc pd(Engine(), dnnl::algorithm::convolution_direct, src,
@@ -121,6 +152,8 @@ std::shared_ptr<Prepared> Prepare(const Geometry& q, Kind kind) {
     prepared->primitive = dnnl::convolution_backward_data(pd);
     prepared->kernel = pd.weights_desc();
     prepared->scratchpad = pd.scratchpad_desc();
+    prepared->first = pd.diff_dst_desc();
+    prepared->second = pd.diff_src_desc();
   } else {
 #if DNNL_VERSION_MAJOR >= 3
     dnnl::convolution_backward_weights::primitive_desc pd(Engine(), dnnl::algorithm::convolution_direct, src,
@@ -134,6 +167,8 @@ std::shared_ptr<Prepared> Prepare(const Geometry& q, Kind kind) {
     prepared->primitive = dnnl::convolution_backward_weights(pd);
     prepared->kernel = pd.diff_weights_desc();
     prepared->scratchpad = pd.scratchpad_desc();
+    prepared->first = pd.src_desc();
+    prepared->second = pd.diff_dst_desc();
   }
   auto caller = CallerKernel(q);
   if (prepared->kernel != caller) {
@@ -141,6 +176,18 @@ std::shared_ptr<Prepared> Prepare(const Geometry& q, Kind kind) {
     prepared->to_kernel = kind == kWeightGrad
                               ? dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), prepared->kernel, Engine(), caller))
                               : dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), caller, Engine(), prepared->kernel));
+  }
+  auto caller_first = CallerFirst(q, kind), caller_second = CallerSecond(q, kind);
+  if (prepared->first != caller_first) {
+    prepared->reorder_first = true;
+    prepared->first_in = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), caller_first, Engine(), prepared->first));
+  }
+  if (prepared->second != caller_second) {
+    prepared->reorder_second = true;
+    prepared->second_io =
+        kind == kWeightGrad
+            ? dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), caller_second, Engine(), prepared->second))
+            : dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), prepared->second, Engine(), caller_second));
   }
   std::lock_guard<std::mutex> lock(cache_mutex);
   return cache.emplace(key, prepared).first->second;
@@ -158,27 +205,35 @@ std::mutex run_mutex;
 // kWeightGrad: out = d kernel from (a = x, b = dy).
 ffi::Error Run(Kind kind, const Geometry& q, void* a, void* b, void* out) {
   try {
-    auto prepared = Prepare(q, kind);
+    auto prepared = Prepare(q, kind, kind == kWeightGrad && BlockedActivations());
     auto& engine = Engine();
     Aligned scratch(prepared->scratchpad.get_size());
     Aligned kernel_buffer(prepared->reorder ? prepared->kernel.get_size() : 0);
+    Aligned first_buffer(prepared->reorder_first ? prepared->first.get_size() : 0);
+    Aligned second_buffer(prepared->reorder_second ? prepared->second.get_size() : 0);
     memory scratchpad(prepared->scratchpad, engine, scratch.data);
     memory caller_kernel(CallerKernel(q), engine, kind == kWeightGrad ? out : b);
     memory kernel = prepared->reorder ? memory(prepared->kernel, engine, kernel_buffer.data) : caller_kernel;
-    memory src(Activations(q.n, q.c, q.h, q.w), engine, kind == kInputGrad ? out : a);
-    memory dst(Activations(q.n, q.o, q.oh, q.ow), engine, kind == kForward ? out : kind == kInputGrad ? a : b);
+    memory caller_first(CallerFirst(q, kind), engine, a);
+    memory caller_second(CallerSecond(q, kind), engine, kind == kWeightGrad ? b : out);
+    memory first = prepared->reorder_first ? memory(prepared->first, engine, first_buffer.data) : caller_first;
+    memory second = prepared->reorder_second ? memory(prepared->second, engine, second_buffer.data) : caller_second;
     std::lock_guard<std::mutex> lock(run_mutex);
     dnnl::stream stream(engine);
+    if (prepared->reorder_first) prepared->first_in.execute(stream, caller_first, first);
     if (kind == kForward) {
       if (prepared->reorder) prepared->to_kernel.execute(stream, caller_kernel, kernel);
-      prepared->primitive.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, kernel}, {DNNL_ARG_DST, dst},
+      prepared->primitive.execute(stream, {{DNNL_ARG_SRC, first}, {DNNL_ARG_WEIGHTS, kernel}, {DNNL_ARG_DST, second},
                                            {DNNL_ARG_SCRATCHPAD, scratchpad}});
+      if (prepared->reorder_second) prepared->second_io.execute(stream, second, caller_second);
     } else if (kind == kInputGrad) {
       if (prepared->reorder) prepared->to_kernel.execute(stream, caller_kernel, kernel);
-      prepared->primitive.execute(stream, {{DNNL_ARG_DIFF_DST, dst}, {DNNL_ARG_WEIGHTS, kernel},
-                                           {DNNL_ARG_DIFF_SRC, src}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
+      prepared->primitive.execute(stream, {{DNNL_ARG_DIFF_DST, first}, {DNNL_ARG_WEIGHTS, kernel},
+                                           {DNNL_ARG_DIFF_SRC, second}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
+      if (prepared->reorder_second) prepared->second_io.execute(stream, second, caller_second);
     } else {
-      prepared->primitive.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, dst},
+      if (prepared->reorder_second) prepared->second_io.execute(stream, caller_second, second);
+      prepared->primitive.execute(stream, {{DNNL_ARG_SRC, first}, {DNNL_ARG_DIFF_DST, second},
                                            {DNNL_ARG_DIFF_WEIGHTS, kernel}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
       if (prepared->reorder) prepared->to_kernel.execute(stream, kernel, caller_kernel);
     }
