@@ -53,7 +53,9 @@ CASES = [
 
 @needs_onednn
 @pytest.mark.parametrize("n,h,w,c,o,k,s,padding,groups", CASES)
-def test_output_and_gradients_equal_xla_convolution(n, h, w, c, o, k, s, padding, groups):
+@pytest.mark.parametrize("activations", ["nhwc", "blocked"])  # the weight gradient's layouts (CPUs choose one)
+def test_output_and_gradients_equal_xla_convolution(n, h, w, c, o, k, s, padding, groups, activations, monkeypatch):
+    monkeypatch.setenv("NFJAX_ONEDNN_ACTIVATIONS", activations)  # read by the library on every call
     x = jax.random.normal(jax.random.key(0), (n, h, w, c))
     kernel = jax.random.normal(jax.random.key(1), (k, k, c // groups, o)) * 0.3
     strides = (s, s)
