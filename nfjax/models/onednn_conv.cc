@@ -8,8 +8,9 @@
 // by the weight gradient on CPUs without AVX-512: there oneDNN also chooses the layout of its two activation
 // inputs (blocked, nChw8c), reordered from NHWC on every call, because its AVX2 weight-gradient kernels run about
 // 1.5x faster on blocked data. (Its other AVX2 kernels gain too, but reordering their outputs back to NHWC costs
-// more than they gain.) NFJAX_ONEDNN_ACTIVATIONS=nhwc or =blocked overrides the choice. Primitives are created once per geometry and
-// cached. Calls run one at a time: each already uses every core through oneDNN's OpenMP threads.
+// more than they gain.) NFJAX_ONEDNN_ACTIVATIONS=nhwc or =blocked overrides the choice. Primitives are created
+// once per geometry and cached. Calls run one at a time: each already uses every core through oneDNN's OpenMP
+// threads.
 #include <cstdint>
 #include <cstdlib>
 #include <map>
